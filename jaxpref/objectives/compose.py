@@ -1,0 +1,189 @@
+"""Composing objectives: weighted sums that are still pure functions.
+
+An :class:`Objective` is a weighted sum of terms. Each term is a registered objective (by name,
+with hyperparameters bound) or any function returning per-example losses (and optionally a metrics
+dict). Calling the sum gives :math:`\\sum_k w_k \\ell_k` per example, so its mean is
+:math:`\\sum_k w_k\\,\\mathrm{mean}(\\ell_k)`: TRL's ``loss_type`` / ``loss_weights`` rule.
+
+Inputs are passed by keyword to every term that accepts them. An input no term accepts is an
+error, never silently dropped. Metrics are the first term's, plus ``loss/<term>`` for each term.
+
+>>> import jax.numpy as jnp
+>>> from jaxpref.objectives import objective
+>>> rpo = objective("sigmoid", beta=0.1) + 0.2 * objective("sft")
+>>> rpo
+Objective(1.0 * sigmoid(beta=0.1) + 0.2 * sft())
+>>> losses, metrics = rpo(
+...     policy_chosen_logps=jnp.array([-4.0]), policy_rejected_logps=jnp.array([-6.0]),
+...     ref_chosen_logps=jnp.array([-5.0]), ref_rejected_logps=jnp.array([-5.0]),
+...     chosen_lengths=jnp.array([2]), rejected_lengths=jnp.array([3]),
+... )
+>>> [round(float(x), 4) for x in (losses[0], metrics["loss/sigmoid"][0], metrics["loss/sft"][0])]
+[0.9981, 0.5981, 2.0]
+>>> rpo.with_(beta=0.5)
+Objective(1.0 * sigmoid(beta=0.5) + 0.2 * sft())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxpref.objectives.common import Array
+from jaxpref.objectives.pairwise import _ARRAY_OPTIONS, PAIRWISE, pairwise_loss
+from jaxpref.objectives.unpaired import MULTI_RESPONSE, UNPAIRED, multi_response_loss, unpaired_loss
+
+
+def _keyword_names(fn: Callable) -> frozenset[str] | None:
+    """Keyword arguments ``fn`` accepts, or None when it takes ``**kwargs``."""
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+
+def _named_inputs(loss_fn: Callable) -> frozenset[str]:
+    """The keyword-only array arguments of a family's entry point (``policy_chosen_logps``, ...)."""
+    parameters = inspect.signature(loss_fn).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+# For each registry: its entry point and the array inputs that entry point reads.
+_FAMILIES = (
+    (PAIRWISE, pairwise_loss, _named_inputs(pairwise_loss) | frozenset(_ARRAY_OPTIONS)),
+    (UNPAIRED, unpaired_loss, _named_inputs(unpaired_loss)),
+    (MULTI_RESPONSE, multi_response_loss, _named_inputs(multi_response_loss)),
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Term:
+    """One weighted summand: ``weight * fn(**inputs, **hparams)``."""
+
+    weight: float
+    name: str
+    fn: Callable[..., Any]
+    hparams: Mapping[str, Any]
+    inputs: frozenset[str] | None  # array inputs fn reads; None = any
+    hparam_names: frozenset[str] | None  # hyperparameters fn accepts; None = any
+
+    def accepts_input(self, key: str) -> bool:
+        return self.inputs is None or key in self.inputs or key in (self.hparam_names or ())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{self.weight!r} * {self.name}({args})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+    """A weighted sum of objective terms; call it with the inputs to get ``(losses, metrics)``."""
+
+    terms: tuple[Term, ...]
+
+    @classmethod
+    def from_fn(cls, fn: Callable[..., Any], name: str | None = None, **hparams) -> Objective:
+        """Wraps ``fn(**inputs) -> losses | (losses, metrics)`` as a one-term objective."""
+        names = _keyword_names(fn)
+        term = Term(1.0, name or getattr(fn, "__name__", "objective"), fn, dict(hparams), names, names)
+        return cls((term,))
+
+    def __call__(self, **inputs) -> tuple[Array, dict[str, Array]]:
+        unused = [k for k in inputs if not any(t.accepts_input(k) for t in self.terms)]
+        if unused:
+            raise ValueError(f"Input(s) {unused} are not read by any term of {self!r}.")
+        total, metrics = None, {}
+        term_names = _unique_names(self.terms)
+        for term, term_name in zip(self.terms, term_names):
+            kwargs = {k: v for k, v in inputs.items() if term.accepts_input(k)}
+            result = term.fn(**{**term.hparams, **kwargs})
+            losses, term_metrics = result if isinstance(result, tuple) else (result, {})
+            for key, value in term_metrics.items():
+                metrics.setdefault(key, value)
+            metrics[f"loss/{term_name}"] = losses
+            weighted = term.weight * jnp.asarray(losses)
+            total = weighted if total is None else total + weighted
+        return total, metrics
+
+    def with_(self, **hparams) -> Objective:
+        """Sets hyperparameters on every term that accepts them (e.g. ``beta`` on all DPO terms)."""
+        for key in hparams:
+            if not any(t.hparam_names is None or key in t.hparam_names for t in self.terms):
+                raise ValueError(f"No term of {self!r} accepts hyperparameter `{key}`.")
+        terms = []
+        for term in self.terms:
+            update = {k: v for k, v in hparams.items() if term.hparam_names is None or k in term.hparam_names}
+            terms.append(dataclasses.replace(term, hparams={**term.hparams, **update}))
+        return Objective(tuple(terms))
+
+    def __add__(self, other: Objective) -> Objective:
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Objective(self.terms + other.terms)
+
+    def __radd__(self, other) -> Objective:
+        # Lets the builtin sum() start from 0.
+        if isinstance(other, numbers.Number) and other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, scale: float) -> Objective:
+        if not isinstance(scale, numbers.Real):
+            return NotImplemented
+        return Objective(tuple(dataclasses.replace(t, weight=t.weight * scale) for t in self.terms))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Objective:
+        return -1.0 * self
+
+    def __sub__(self, other: Objective) -> Objective:
+        return self + (-other)
+
+    def __repr__(self) -> str:
+        return f"Objective({' + '.join(map(repr, self.terms))})"
+
+
+def _unique_names(terms: Sequence[Term]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for term in terms:
+        count = seen.get(term.name, 0)
+        names.append(term.name if count == 0 else f"{term.name}_{count}")
+        seen[term.name] = count + 1
+    return names
+
+
+def objective(name: str, **hparams) -> Objective:
+    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED`` or ``MULTI_RESPONSE``)."""
+    for registry, loss_fn, inputs in _FAMILIES:
+        if name in registry:
+            spec = registry[name]
+            spec.resolve_hparams(name, hparams)  # fail now on a misspelt hyperparameter, not at call
+            fn = functools.partial(loss_fn, name)
+            term = Term(1.0, name, fn, dict(hparams), inputs, frozenset(spec.defaults))
+            return Objective((term,))
+    known = sorted(set(PAIRWISE) | set(UNPAIRED) | set(MULTI_RESPONSE))
+    raise ValueError(f"Unknown objective `name`={name!r}; known names: {known}.")
+
+
+def combine(objectives: Sequence[Objective], weights: Sequence[float] | None = None) -> Objective:
+    """``sum_k weights[k] * objectives[k]``, TRL's ``loss_type=[...]``, ``loss_weights=[...]``.
+
+    ``weights=None`` means all ones, as in TRL.
+    """
+    objectives = list(objectives)
+    if not objectives:
+        raise ValueError("`objectives` is empty; pass at least one Objective.")
+    weights = [1.0] * len(objectives) if weights is None else list(weights)
+    if len(weights) != len(objectives):
+        raise ValueError(
+            f"`weights` has {len(weights)} entries but `objectives` has {len(objectives)}; they must match."
+        )
+    return sum((w * o for w, o in zip(weights, objectives)), start=0)
