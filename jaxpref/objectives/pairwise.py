@@ -406,7 +406,7 @@ def discopop(
     return -jax.nn.log_sigmoid(z) * (1.0 - modulation) + jnp.exp(-z + jax.nn.log_sigmoid(z / discopop_tau))
 
 
-@_register("sft", requires=("chosen_lengths",), rewards="logps", paper="")
+@_register("sft", requires=("chosen_lengths",), rewards="logps", paper="Pang et al., arXiv:2404.19733 (RPO)")
 def sft(pair: PairLogps) -> Array:
     r"""Negative log-likelihood of the chosen responses, a token mean over the batch:
     :math:`-\sum_i \log\pi_\theta(y_{w,i}) / \sum_i |y_{w,i}|`, returned as per-pair shares
