@@ -1,0 +1,465 @@
+"""One decoder-only transformer for the Llama family and its relatives, as Flax NNX modules.
+
+Family differences are configuration, not subclasses:
+
+============  ==========================================================================
+Llama 2/3     RMSNorm, SwiGLU, RoPE (llama3 frequency scaling), GQA
+Mistral       Llama + optional sliding-window attention
+Qwen2         Llama + bias on the q/k/v projections
+Qwen3         Llama + RMSNorm on queries and keys per head (before RoPE)
+Gemma         embeddings scaled by sqrt(hidden), RMSNorm with (1 + w), GeGLU (tanh), tied head
+============  ==========================================================================
+
+Module attribute names follow the Hugging Face checkpoints (``embed_tokens``, ``layers[i].self_attn.q_proj``,
+...), so :mod:`jaxpref.models.hf_io` maps names mechanically. Linear kernels are ``[in, out]``.
+
+Inputs are token ids ``[batch, seq]`` with optional ``positions`` (RoPE positions), ``segment_ids``
+(0 = padding; tokens attend only within their segment, which is how several sequences are packed in
+one row) and ``prefix_segment_ids`` (a segment a token may also attend to: how the chosen and the
+rejected response of a pair share one computed prompt). Attention is causal by position.
+The forward pass returns final hidden states; the LM head is applied by :meth:`Decoder.logits`, or
+chunk by chunk by :func:`jaxpref.models.logprobs.sequence_logps`, so full logits are optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture hyperparameters; :meth:`from_hf` reads a Hugging Face ``config.json``."""
+
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None, or {"rope_type": "linear" | "llama3", "factor": ..., ...} as in Hugging Face configs.
+    rope_scaling: Mapping[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma: multiply embeddings by sqrt(hidden_size)
+    norm_weight_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + weight)
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    param_dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype; bf16 on GPU/TPU
+    remat: bool = False  # recompute each layer in the backward pass to save activation memory
+
+    def __post_init__(self):
+        if self.model_type not in _FAMILIES:
+            raise ValueError(f"`model_type`={self.model_type!r} is not supported; supported: {_FAMILIES}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"`num_heads`={self.num_heads} must be a multiple of `num_kv_heads`={self.num_kv_heads}."
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"`hidden_act`={self.hidden_act!r} must be one of {sorted(_ACTIVATIONS)}.")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> DecoderConfig:
+        """Builds a config from a Hugging Face ``config.json`` dict (``overrides`` win)."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _FAMILIES:
+            raise ValueError(
+                f"config.json `model_type`={model_type!r} is not supported; supported: {_FAMILIES}."
+            )
+        # transformers 5 nests RoPE settings in `rope_parameters`; older configs use rope_theta/rope_scaling.
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        is_gemma = model_type == "gemma"
+        fields = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            rope_scaling=None if rope_type == "default" else {**scaling, "rope_type": rope_type},
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+            tie_word_embeddings=hf.get("tie_word_embeddings", is_gemma),
+            scale_embeddings=is_gemma,
+            norm_weight_offset=1.0 if is_gemma else 0.0,
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(hf["eos_token_id"])
+            if isinstance(hf.get("eos_token_id"), list)
+            else hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        if is_gemma and fields["hidden_act"] == "gelu":
+            fields["hidden_act"] = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but mean the tanh form
+        return cls(**{**fields, **overrides})
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict ``transformers`` reads for this architecture."""
+        architectures = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "gemma": "GemmaForCausalLM",
+        }
+        hf = {
+            "architectures": [architectures[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.resolved_head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id)
+            if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": jnp.dtype(self.param_dtype).name,
+        }
+        if self.model_type == "gemma":
+            hf["hidden_activation"] = self.hidden_act
+        else:
+            hf["hidden_act"] = self.hidden_act
+        if self.model_type in ("llama", "qwen3"):
+            hf["attention_bias"] = self.o_bias
+        if self.model_type == "llama":
+            hf["mlp_bias"] = self.mlp_bias
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
+            hf["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = self.sliding_window is not None
+        return hf
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> Array:  # [head_dim // 2]
+    """RoPE frequencies, with "linear" or "llama3" scaling when the config asks for it."""
+    dim = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] != "llama3":
+        raise ValueError(
+            f"`rope_scaling.rope_type`={scaling['rope_type']!r} is not supported (linear, llama3)."
+        )
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original_context / low, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelength >= original_context / high) & (wavelength <= original_context / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotates ``x`` ``[batch, seq, heads, head_dim]`` by ``positions`` ``[batch, seq]`` (half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim // 2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention masks: segments, shared prefixes, causality by position, sliding window.
+# --------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    q_segment_ids: Array,  # [batch, q]
+    q_positions: Array,  # [batch, q]
+    kv_segment_ids: Array,  # [batch, kv]
+    kv_positions: Array,  # [batch, kv]
+    q_prefix_segment_ids: Array | None = None,  # [batch, q]
+    sliding_window: int | None = None,
+) -> Array:  # [batch, 1, q, kv] bool
+    """Query token i sees key j when j is a real token (segment != 0) of i's segment or of i's
+    prefix segment, and j's position is not after i's (and within the sliding window)."""
+    kv_segment = kv_segment_ids[:, None, :]
+    visible = kv_segment == q_segment_ids[:, :, None]
+    if q_prefix_segment_ids is not None:
+        visible |= kv_segment == q_prefix_segment_ids[:, :, None]
+    distance = q_positions[:, :, None] - kv_positions[:, None, :]
+    visible &= (kv_segment != 0) & (distance >= 0)
+    if sliding_window is not None:
+        visible &= distance < sliding_window
+    return visible[:, None, :, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation in float32, scaled by ``offset + weight`` (offset 1 for Gemma)."""
+
+    def __init__(self, dim: int, *, eps: float, weight_offset: float, param_dtype):
+        init = nnx.initializers.zeros if weight_offset else nnx.initializers.ones
+        self.weight = nnx.Param(init(jax.random.key(0), (dim,), param_dtype))
+        self.eps = eps
+        self.weight_offset = weight_offset
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (self.weight_offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def _rms_norm(config: DecoderConfig, dim: int) -> RMSNorm:
+    return RMSNorm(
+        dim, eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset, param_dtype=config.param_dtype
+    )
+
+
+def _linear(config: DecoderConfig, rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for incremental decoding, plus their segments and positions."""
+
+    keys: tuple[Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    values: tuple[Array, ...]  # per layer [batch, max_len, kv_heads, head_dim]
+    segment_ids: Array  # [batch, max_len], 0 for empty slots and padding
+    positions: Array  # [batch, max_len]
+    index: Array  # [] next slot to write
+
+    @classmethod
+    def init(cls, config: DecoderConfig, batch: int, max_len: int) -> KVCache:
+        shape = (batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+        return cls(
+            zeros,
+            zeros,
+            jnp.zeros((batch, max_len), jnp.int32),
+            jnp.zeros((batch, max_len), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        head_dim = config.resolved_head_dim
+        self.config = config
+        self.q_proj = _linear(config, rngs, config.hidden_size, config.num_heads * head_dim, config.qkv_bias)
+        self.k_proj = _linear(
+            config, rngs, config.hidden_size, config.num_kv_heads * head_dim, config.qkv_bias
+        )
+        self.v_proj = _linear(
+            config, rngs, config.hidden_size, config.num_kv_heads * head_dim, config.qkv_bias
+        )
+        self.o_proj = _linear(config, rngs, config.num_heads * head_dim, config.hidden_size, config.o_bias)
+        if config.qk_norm:
+            self.q_norm = _rms_norm(config, head_dim)
+            self.k_norm = _rms_norm(config, head_dim)
+
+    def __call__(
+        self,
+        x: Array,  # [batch, seq, hidden]
+        positions: Array,  # [batch, seq]
+        mask: Array,  # [batch, 1, seq, kv]
+        inv_freq: Array,
+        cache: tuple[Array, Array, Array] | None = None,  # (keys, values, write index)
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        batch, seq, _ = x.shape
+        head_dim = self.config.resolved_head_dim
+        q = self.q_proj(x).reshape(batch, seq, self.config.num_heads, head_dim)
+        k = self.k_proj(x).reshape(batch, seq, self.config.num_kv_heads, head_dim)
+        v = self.v_proj(x).reshape(batch, seq, self.config.num_kv_heads, head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if cache is not None:
+            cached_k, cached_v, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=1)
+            new_cache = (k, v)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        return self.o_proj(out.reshape(batch, seq, -1)), new_cache
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma)."""
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
+        self.up_proj = _linear(config, rngs, hidden, inner, config.mlp_bias)
+        self.down_proj = _linear(config, rngs, inner, hidden, config.mlp_bias)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.input_layernorm = _rms_norm(config, config.hidden_size)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = _rms_norm(config, config.hidden_size)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        attended, new_cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, cache)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer with a language-model head (tied or separate)."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.norm = _rms_norm(config, config.hidden_size)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, bias=False)
+
+    def _embed(self, input_ids: Array) -> Array:
+        x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:
+            # Gemma rounds the scale to the compute dtype before multiplying.
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        return x
+
+    def _run_layers(self, x, positions, mask, caches=None):
+        inv_freq = rope_inverse_frequencies(self.config)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            call = nnx.remat(DecoderLayer.__call__) if self.config.remat else DecoderLayer.__call__
+            x, new_cache = call(layer, x, positions, mask, inv_freq, None if caches is None else caches[i])
+            new_caches.append(new_cache)
+        return self.norm(x), new_caches
+
+    def __call__(
+        self,
+        input_ids: Array,  # [batch, seq]
+        *,
+        positions: Array | None = None,  # [batch, seq]
+        segment_ids: Array | None = None,  # [batch, seq], 0 = padding
+        prefix_segment_ids: Array | None = None,  # [batch, seq]
+    ) -> Array:  # [batch, seq, hidden]
+        """Final hidden states (after the last norm). Defaults: positions 0..seq-1, one segment."""
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must be [batch, seq], got shape {input_ids.shape}.")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        mask = attention_mask(
+            segment_ids, positions, segment_ids, positions, prefix_segment_ids, self.config.sliding_window
+        )
+        hidden, _ = self._run_layers(self._embed(input_ids), positions, mask)
+        return hidden
+
+    def decode(
+        self,
+        input_ids: Array,  # [batch, seq]
+        positions: Array,  # [batch, seq]
+        segment_ids: Array,  # [batch, seq], 0 = padding
+        cache: KVCache,
+    ) -> tuple[Array, KVCache]:
+        """Runs ``seq`` new tokens against the cache (prefill or one decoding step)."""
+        seq = input_ids.shape[1]
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+        kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
+        mask = attention_mask(
+            segment_ids, positions, kv_segments, kv_positions, None, self.config.sliding_window
+        )
+        layer_caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
+        hidden, new_caches = self._run_layers(self._embed(input_ids), positions, mask, layer_caches)
+        keys = tuple(k for k, _ in new_caches)
+        values = tuple(v for _, v in new_caches)
+        return hidden, KVCache(keys, values, kv_segments, kv_positions, cache.index + seq)
+
+    def unembedding(self) -> Array:  # [hidden, vocab]
+        """The LM head kernel (the transposed embedding when tied), in the compute dtype."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].T.astype(self.config.dtype)
+        return self.lm_head.kernel[...].astype(self.config.dtype)
+
+    def logits(self, hidden: Array) -> Array:  # [..., hidden] -> [..., vocab] float32
+        """Full logits in float32. For training log-probs use ``sequence_logps``, which never
+        materialises them."""
+        return jnp.einsum("...e,ev->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
