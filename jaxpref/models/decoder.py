@@ -463,3 +463,34 @@ class Decoder(nnx.Module):
         """Full logits in float32. For training log-probs use ``sequence_logps``, which never
         materialises them."""
         return jnp.einsum("...e,ev->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+
+
+# Logical axes of each parameter, matched on the end of its path (see jaxpref.sharding for the
+# mapping to mesh axes). First match wins.
+PARAM_LOGICAL_AXES: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...] = (
+    (("embed_tokens", "embedding"), ("vocab", "embed")),
+    (("lm_head", "kernel"), ("embed", "vocab")),
+    (("q_proj", "kernel"), ("embed", "heads")),
+    (("k_proj", "kernel"), ("embed", "kv_heads")),
+    (("v_proj", "kernel"), ("embed", "kv_heads")),
+    (("o_proj", "kernel"), ("heads", "embed")),
+    (("q_proj", "bias"), ("heads",)),
+    (("k_proj", "bias"), ("kv_heads",)),
+    (("v_proj", "bias"), ("kv_heads",)),
+    (("gate_proj", "kernel"), ("embed", "mlp")),
+    (("up_proj", "kernel"), ("embed", "mlp")),
+    (("down_proj", "kernel"), ("mlp", "embed")),
+    (("gate_proj", "bias"), ("mlp",)),
+    (("up_proj", "bias"), ("mlp",)),
+)
+
+
+def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at ``path`` (an nnx state path); unlisted ones are replicated."""
+    names = tuple(str(p) for p in path)
+    for suffix, axes in PARAM_LOGICAL_AXES:
+        if names[-len(suffix) :] == suffix and len(axes) == ndim:
+            return axes
+    if names[-1] == "kernel" and ndim == 2:  # heads: [embed, outputs]
+        return ("embed", None)
+    return (None,) * ndim
