@@ -380,7 +380,8 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
     """Decoder-only transformer with a language-model head (tied or separate)."""
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        """``lm_head=False`` builds the backbone alone (reward and embedding models)."""
         self.config = config
         self.embed_tokens = nnx.Embed(
             config.vocab_size,
@@ -392,7 +393,7 @@ class Decoder(nnx.Module):
         )
         self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
         self.norm = _rms_norm(config, config.hidden_size)
-        if not config.tie_word_embeddings:
+        if lm_head and not config.tie_word_embeddings:
             self.lm_head = _linear(config, rngs, config.hidden_size, config.vocab_size, bias=False)
 
     def _embed(self, input_ids: Array) -> Array:
