@@ -51,8 +51,9 @@ class DecoderConfig:
     head_dim: int | None = None  # default hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # None, or {"rope_type": "linear" | "llama3", "factor": ..., ...} as in Hugging Face configs.
-    rope_scaling: Mapping[str, Any] | None = None
+    # None, or {"rope_type": "linear" | "llama3", "factor": ..., ...} as in Hugging Face configs;
+    # stored as sorted (key, value) pairs so the config stays hashable (usable as a jit static arg).
+    rope_scaling: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 2048
     qkv_bias: bool = False
     o_bias: bool = False
@@ -71,6 +72,8 @@ class DecoderConfig:
     remat: bool = False  # recompute each layer in the backward pass to save activation memory
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if self.model_type not in _FAMILIES:
             raise ValueError(f"`model_type`={self.model_type!r} is not supported; supported: {_FAMILIES}.")
         if self.num_heads % self.num_kv_heads:
@@ -191,9 +194,9 @@ def rope_inverse_frequencies(config: DecoderConfig) -> Array:  # [head_dim // 2]
     """RoPE frequencies, with "linear" or "llama3" scaling when the config asks for it."""
     dim = config.resolved_head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    scaling = config.rope_scaling
-    if not scaling:
+    if not config.rope_scaling:
         return inv_freq
+    scaling = dict(config.rope_scaling)
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
     if scaling["rope_type"] != "llama3":
@@ -347,6 +350,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), index, axis=1)
             new_cache = (k, v)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        # Padding queries see no key; zero them so no kernel's NaN for an empty row can leak onward.
+        out = jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0.0)
         return self.o_proj(out.reshape(batch, seq, -1)), new_cache
 
 

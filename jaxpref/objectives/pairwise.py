@@ -6,7 +6,8 @@ Conventions
   ``policy_chosen_logps`` :math:`\log\pi_\theta(y_w|x)`, ``policy_rejected_logps``, and the
   reference model's ``ref_chosen_logps`` / ``ref_rejected_logps`` for objectives that need them.
   Token-level ``[batch, seq]`` log-probs are accepted too, with ``chosen_mask`` / ``rejected_mask``:
-  they are summed over the mask (LD-DPO needs them).
+  they are summed over the mask, or with ``ld_alpha`` weighted as LD-DPO does (any objective, as
+  TRL's ``ld_alpha``; ``ld_dpo`` requires it).
 - ``chosen_lengths`` / ``rejected_lengths`` are completion token counts. Used as divisors they are
   clamped to 1, as TRL does, so a zero-length completion gives a per-token log-prob of 0.
 - Log-ratios :math:`h_w = \log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)` (and :math:`h_l`) are called
@@ -53,13 +54,14 @@ from jaxpref.objectives.common import (
     lookup,
     make_registry,
 )
-from jaxpref.objectives.sequence import ld_pair_logps
+from jaxpref.objectives.sequence import ld_pair_logps, sequence_logps
 
 PAIRWISE, _register = make_registry("pairwise")
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# exp() arguments are clamped here, as TRL does for the alpha divergence, so float32 stays finite.
-_EXP_CLAMP = 80.0
+# exp() arguments are clamped so float32 stays finite even squared (IPO squares scores): e^40 squared
+# is ~5e34. TRL clamps at 80; the two agree wherever TRL's losses are finite and not saturated.
+_EXP_CLAMP = 40.0
 
 
 class PairLogps(NamedTuple):
@@ -113,7 +115,7 @@ def f_divergence_scores(
     - ``js_divergence``: :math:`\log 2 + \log\sigma(h)`
     - ``alpha_divergence``: :math:`(e^{(\alpha-1)h} - 1)/(\alpha-1)`, :math:`h` at :math:`\alpha = 1`
 
-    Exponents are clamped at 80 (TRL clamps the alpha divergence's there) so float32 stays finite.
+    Exponents are clamped at 40 so scores stay finite in float32 even when a loss squares them.
 
     Reference: Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with
     Diverse Divergence Constraints", arXiv:2309.16240.
@@ -126,10 +128,13 @@ def f_divergence_scores(
         return -jnp.expm1(jnp.minimum(-logratios, _EXP_CLAMP))
     if f_divergence_type == "js_divergence":
         return jnp.log(2.0) + jax.nn.log_sigmoid(logratios)
-    if not isinstance(f_alpha_divergence_coef, jax.core.Tracer) and abs(f_alpha_divergence_coef - 1.0) < 1e-6:
-        return logratios
-    coef = f_alpha_divergence_coef - 1.0
-    return jnp.expm1(jnp.minimum(coef * logratios, _EXP_CLAMP)) / coef
+    # jnp.where rather than a Python branch, so a traced coefficient of 1 works too.
+    coef = jnp.asarray(f_alpha_divergence_coef - 1.0, logratios.dtype)
+    is_kl_limit = jnp.abs(coef) < 1e-6
+    safe_coef = jnp.where(is_kl_limit, 1.0, coef)
+    return jnp.where(
+        is_kl_limit, logratios, jnp.expm1(jnp.minimum(safe_coef * logratios, _EXP_CLAMP)) / safe_coef
+    )
 
 
 def _scores(pair: PairLogps, f_divergence_type: str, f_alpha_divergence_coef: float) -> tuple[Array, Array]:
@@ -145,22 +150,23 @@ def _delta_score(pair: PairLogps, f_divergence_type: str, f_alpha_divergence_coe
 
 
 def _smoothed_logistic(logits: Array, label_smoothing: float) -> Array:
-    r""":math:`-(1-\epsilon)\log\sigma(z) - \epsilon\log\sigma(-z)`."""
+    r""":math:`-(1-\epsilon)\log\sigma(z) - \epsilon\log\sigma(-z)`, :math:`\epsilon \in [0, 1/2]`."""
+    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(
         -logits
     )
 
 
 def _batch_token_mean_nll(pair: PairLogps) -> Array:
-    r"""Per-pair shares of the batch's token-mean NLL of the chosen responses.
+    r"""The batch's token-mean NLL of the chosen responses, broadcast to ``[batch]``.
 
-    Share :math:`i` is :math:`-\log\pi(y_{w,i}) \cdot B / \sum_j |y_{w,j}|`, so the mean over the
-    batch is :math:`-\sum_j \log\pi(y_{w,j}) / \sum_j |y_{w,j}|`: the cross-entropy over all chosen
-    tokens of the batch that TRL's SFT, CPO and ORPO terms use.
+    :math:`-\sum_j \log\pi(y_{w,j}) / \sum_j |y_{w,j}|`: the cross-entropy over all chosen
+    completion tokens of the batch, which TRL's SFT, CPO and ORPO terms use. Broadcasting (as TRL
+    does) keeps TRL's result under per-pair weights too: a weighted mean multiplies the batch NLL.
     """
-    batch = pair.policy_chosen_logps.shape[0]
     total_tokens = clamp_lengths(jnp.sum(pair.chosen_lengths))
-    return -pair.policy_chosen_logps * (batch / total_tokens)
+    nll = -jnp.sum(pair.policy_chosen_logps) / total_tokens
+    return jnp.broadcast_to(nll, pair.policy_chosen_logps.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +415,7 @@ def discopop(
 @_register("sft", requires=("chosen_lengths",), rewards="logps", paper="Pang et al., arXiv:2404.19733 (RPO)")
 def sft(pair: PairLogps) -> Array:
     r"""Negative log-likelihood of the chosen responses, a token mean over the batch:
-    :math:`-\sum_i \log\pi_\theta(y_{w,i}) / \sum_i |y_{w,i}|`, returned as per-pair shares
+    :math:`-\sum_i \log\pi_\theta(y_{w,i}) / \sum_i |y_{w,i}|`, broadcast to every pair as TRL does
     (see :func:`_batch_token_mean_nll`). Combined with DPO it is RPO.
 
     Reference: Pang et al., "Iterative Reasoning Preference Optimization", arXiv:2404.19733 (RPO).
@@ -457,7 +463,6 @@ def cdpo(
     Reference: Mitchell, "A note on DPO with noisy preferences & relationship to IPO" (2023);
     the label-smoothed form of Rafailov et al., arXiv:2305.18290.
     """
-    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
     z = beta * _delta_score(pair, f_divergence_type, f_alpha_divergence_coef)
     return _smoothed_logistic(z, label_smoothing)
 
@@ -473,7 +478,6 @@ def simpo(pair: PairLogps, *, beta: float = 2.0, gamma: float = 1.0, label_smoot
     Reference: Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     arXiv:2405.14734, Eq. (6).
     """
-    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
     z = beta * (pair.chosen_avg_logps - pair.rejected_avg_logps) - gamma
     return _smoothed_logistic(z, label_smoothing)
 
@@ -484,12 +488,11 @@ def cpo(pair: PairLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, label_smo
 
     .. math:: -\log\sigma\big(\beta[\log\pi_\theta(y_w) - \log\pi_\theta(y_l)]\big) + \alpha\,\mathrm{NLL}(y_w)
 
-    with the NLL a token mean over the batch (per-pair shares, see ``sft``), as TRL's CPOTrainer.
+    with the NLL a token mean over the batch (broadcast, see ``sft``), as TRL's CPOTrainer.
 
     Reference: Xu et al., "Contrastive Preference Optimization: Pushing the Boundaries of LLM
     Performance in Machine Translation", arXiv:2401.08417, Eq. (6)-(7).
     """
-    check_range("label_smoothing", label_smoothing, 0.0, 0.5)
     z = beta * (pair.policy_chosen_logps - pair.policy_rejected_logps)
     return _smoothed_logistic(z, label_smoothing) + cpo_alpha * _batch_token_mean_nll(pair)
 
@@ -498,9 +501,10 @@ def alphapo_reward(avg_logps: Array, alpha: float) -> Array:
     r"""AlphaPO's reward shape of the per-token log-prob :math:`\bar\ell`:
     :math:`(1 - e^{-\alpha\bar\ell})/\alpha`, i.e. :math:`(1 - \pi(y)^{-\alpha/|y|})/\alpha`,
     which is :math:`\bar\ell` (SimPO's reward) at :math:`\alpha = 0`."""
-    if not isinstance(alpha, jax.core.Tracer) and alpha == 0:
-        return avg_logps
-    return -jnp.expm1(jnp.minimum(-alpha * avg_logps, _EXP_CLAMP)) / alpha
+    alpha = jnp.asarray(alpha, avg_logps.dtype)
+    safe_alpha = jnp.where(alpha == 0, 1.0, alpha)  # a traced alpha of 0 must not divide by 0
+    shaped = -jnp.expm1(jnp.minimum(-safe_alpha * avg_logps, _EXP_CLAMP)) / safe_alpha
+    return jnp.where(alpha == 0, avg_logps, shaped)
 
 
 @_register("alphapo", requires=_LENGTHS, rewards="avg_logps", paper="Gupta et al., arXiv:2501.03884")
@@ -625,7 +629,7 @@ def slic(pair: PairLogps, *, delta: float = 1.0, nll_weight: float = 0.1) -> Arr
 
     .. math:: \max\big(0, \delta - \log\pi_\theta(y_w) + \log\pi_\theta(y_l)\big) + \lambda\,\mathrm{NLL}(y_w)
 
-    with :math:`\lambda` = ``nll_weight`` and the NLL a token mean over the batch (per-pair shares).
+    with :math:`\lambda` = ``nll_weight`` and the NLL a token mean over the batch (broadcast).
 
     Reference: Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
     arXiv:2305.10425, Eq. (1).
@@ -639,34 +643,18 @@ def ld_dpo(pair: PairLogps, *, beta: float = 0.1, ld_alpha: float = 0.5) -> Arra
     r"""LD-DPO: DPO on length-desensitised log-probs. Within a pair, the first
     :math:`l_s = \min(|y_w|, |y_l|)` completion tokens count fully and the rest by :math:`\alpha`
     (:func:`jaxpref.objectives.sequence_logps` with ``reduction="ld_dpo"``), for the policy and
-    the reference alike; then :math:`-\log\sigma(\beta[\tilde h_w - \tilde h_l])`.
+    the reference alike (as TRL 1.x); then :math:`-\log\sigma(\beta[\tilde h_w - \tilde h_l])`.
 
     Needs token-level log-probs: pass ``[batch, seq]`` arrays with ``chosen_mask`` /
-    ``rejected_mask``. :math:`\alpha = 1` is DPO.
+    ``rejected_mask``. :func:`pairwise_loss` applies ``ld_alpha`` when it builds the pair (so the
+    logged rewards and log-probs are the weighted ones, as in TRL); ``pair`` holds the weighted
+    sums by the time this runs. :math:`\alpha = 1` is DPO.
 
     Reference: Liu et al., "Length Desensitization in Direct Preference Optimization",
     arXiv:2409.06411, Eq. (11)-(13).
     """
-    if pair.ref_chosen_token_logps is None or pair.ref_rejected_token_logps is None:
-        raise ValueError(
-            "ld_dpo needs token-level `ref_chosen_logps` / `ref_rejected_logps` ([batch, seq], same "
-            "masks as the policy's) because the down-weighted tail depends on token positions."
-        )
-    policy_chosen, policy_rejected = ld_pair_logps(
-        pair.policy_chosen_token_logps,
-        pair.chosen_mask,
-        pair.policy_rejected_token_logps,
-        pair.rejected_mask,
-        ld_alpha,
-    )
-    ref_chosen, ref_rejected = ld_pair_logps(
-        pair.ref_chosen_token_logps,
-        pair.chosen_mask,
-        pair.ref_rejected_token_logps,
-        pair.rejected_mask,
-        ld_alpha,
-    )
-    return -jax.nn.log_sigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
+    del ld_alpha  # applied to the log-probs already, see above
+    return -jax.nn.log_sigmoid(beta * (pair.chosen_logratios - pair.rejected_logratios))
 
 
 @_register(
@@ -690,23 +678,51 @@ def wpo(pair: PairLogps, *, beta: float = 0.1) -> Array:
 # The public entry point.
 # --------------------------------------------------------------------------------------------
 
-_ARRAY_OPTIONS = ("chosen_weights", "rejected_weights", "chosen_mask", "rejected_mask")
+_ARRAY_OPTIONS = ("chosen_weights", "rejected_weights", "chosen_mask", "rejected_mask", "ld_alpha")
 
 
-def _sequence_input(name: str, value, mask: Array | None) -> tuple[Array | None, Array | None]:
-    """Returns (summed [batch], token-level [batch, seq] or None) for one log-prob input."""
+def _token_level(name: str, value, mask: Array | None) -> Array | None:
+    """The [batch, seq] log-probs of a token-level input, or None for a [batch] input."""
     if value is None:
-        return None, None
+        return None
     array = as_float(name, value)
     if array.ndim == 1:
-        return array, None
-    if array.ndim == 2:
-        mask_name = "chosen_mask" if "chosen" in name else "rejected_mask"
-        if mask is None:
-            raise ValueError(f"`{name}` is token-level (shape {array.shape}); pass `{mask_name}` as well.")
-        check_same_shape(name, array, **{mask_name: mask})
-        return jnp.where(mask, array, 0.0).sum(-1), array
-    raise ValueError(f"`{name}` must be [batch] or [batch, seq], got shape {array.shape}.")
+        return None
+    if array.ndim != 2:
+        raise ValueError(f"`{name}` must be [batch] or [batch, seq], got shape {array.shape}.")
+    mask_name = "chosen_mask" if "chosen" in name else "rejected_mask"
+    if mask is None:
+        raise ValueError(f"`{name}` is token-level (shape {array.shape}); pass `{mask_name}` as well.")
+    check_same_shape(name, array, **{mask_name: mask})
+    return array
+
+
+def _reduce_pair(
+    chosen_name: str, chosen, rejected_name: str, rejected, chosen_mask, rejected_mask, ld_alpha
+):
+    """(chosen [batch], rejected [batch], chosen tokens, rejected tokens) for one model's log-probs."""
+    chosen_tokens = _token_level(chosen_name, chosen, chosen_mask)
+    rejected_tokens = _token_level(rejected_name, rejected, rejected_mask)
+    if chosen_tokens is not None and rejected_tokens is not None and ld_alpha is not None:
+        sums = ld_pair_logps(chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, ld_alpha)
+        return *sums, chosen_tokens, rejected_tokens
+    if ld_alpha is not None and chosen is not None:
+        raise ValueError(
+            f"`ld_alpha` weights token positions: pass token-level `{chosen_name}` and `{rejected_name}` "
+            "([batch, seq]) with `chosen_mask` / `rejected_mask`."
+        )
+
+    def reduce(name, value, tokens, mask):
+        if value is None:
+            return None
+        return as_float(name, value) if tokens is None else sequence_logps(tokens, mask)
+
+    return (
+        reduce(chosen_name, chosen, chosen_tokens, chosen_mask),
+        reduce(rejected_name, rejected, rejected_tokens, rejected_mask),
+        chosen_tokens,
+        rejected_tokens,
+    )
 
 
 def pair_logps(
@@ -718,23 +734,28 @@ def pair_logps(
     rejected_lengths: Array | None = None,
     chosen_mask: Array | None = None,
     rejected_mask: Array | None = None,
+    ld_alpha: float | None = None,
 ) -> PairLogps:
     """Validates and normalises pairwise inputs into a :class:`PairLogps`.
 
     Sequence inputs are ``[batch]``; token-level inputs are ``[batch, seq]`` with the matching mask
-    and are summed over it (lengths then default to the mask sums).
+    and are summed over it, LD-DPO-weighted when ``ld_alpha`` is given (lengths then default to
+    the mask sums).
     """
+    for name, value in (
+        ("policy_chosen_logps", policy_chosen_logps),
+        ("policy_rejected_logps", policy_rejected_logps),
+    ):
+        if value is None:
+            raise ValueError(f"`{name}` is required but got None.")
     chosen_mask = None if chosen_mask is None else jnp.asarray(chosen_mask).astype(bool)
     rejected_mask = None if rejected_mask is None else jnp.asarray(rejected_mask).astype(bool)
-    policy_chosen, policy_chosen_tokens = _sequence_input(
-        "policy_chosen_logps", policy_chosen_logps, chosen_mask
+    masks = (chosen_mask, rejected_mask, ld_alpha)
+    policy_chosen, policy_rejected, policy_chosen_tokens, policy_rejected_tokens = _reduce_pair(
+        "policy_chosen_logps", policy_chosen_logps, "policy_rejected_logps", policy_rejected_logps, *masks
     )
-    policy_rejected, policy_rejected_tokens = _sequence_input(
-        "policy_rejected_logps", policy_rejected_logps, rejected_mask
-    )
-    ref_chosen, ref_chosen_tokens = _sequence_input("ref_chosen_logps", ref_chosen_logps, chosen_mask)
-    ref_rejected, ref_rejected_tokens = _sequence_input(
-        "ref_rejected_logps", ref_rejected_logps, rejected_mask
+    ref_chosen, ref_rejected, ref_chosen_tokens, ref_rejected_tokens = _reduce_pair(
+        "ref_chosen_logps", ref_chosen_logps, "ref_rejected_logps", ref_rejected_logps, *masks
     )
     if (ref_chosen is None) != (ref_rejected is None):
         missing = "ref_rejected_logps" if ref_rejected is None else "ref_chosen_logps"
@@ -809,16 +830,17 @@ def pairwise_loss(
 
     ``hparams`` are the objective's hyperparameters (its signature in this module lists them with
     defaults) plus, for any objective, ``chosen_weights`` / ``rejected_weights`` (``[batch]``
-    per-response weights multiplied into the loss, e.g. WPO's) and ``chosen_mask`` /
-    ``rejected_mask`` for token-level log-probs.
+    per-response weights multiplied into the loss, e.g. WPO's), ``chosen_mask`` /
+    ``rejected_mask`` for token-level log-probs and ``ld_alpha`` to LD-weight them.
 
     Metrics (TRL's names, ``[batch]`` arrays): ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``. Rewards are
     ``beta`` times the log-ratios, or the (per-token) log-probs for reference-free objectives.
     """
     spec = lookup("pairwise", PAIRWISE, name)
-    options = {key: hparams.pop(key, None) for key in _ARRAY_OPTIONS}
+    options = {key: hparams.pop(key, None) for key in _ARRAY_OPTIONS if key not in spec.defaults}
     hparams = spec.resolve_hparams("pairwise", hparams)
+    ld_alpha = hparams["ld_alpha"] if "ld_alpha" in hparams else options["ld_alpha"]
     pair = pair_logps(
         policy_chosen_logps,
         policy_rejected_logps,
@@ -828,6 +850,7 @@ def pairwise_loss(
         rejected_lengths,
         options["chosen_mask"],
         options["rejected_mask"],
+        ld_alpha,
     )
     given = {**pair._asdict(), **options}
     for required in spec.requires:

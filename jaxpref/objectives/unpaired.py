@@ -56,12 +56,12 @@ class UnpairedLogps(NamedTuple):
 class BCOState(NamedTuple):
     """Running mean of BCO's implicit rewards (TRL's ``RunningMoments`` mean and count)."""
 
-    mean: Array
-    count: Array
+    mean: Array  # [] float32
+    count: Array  # [] int32, examples seen
 
     @classmethod
     def init(cls) -> BCOState:
-        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
 
 def _is_desirable(labels: Array) -> Array:
@@ -150,9 +150,8 @@ def bco(
     """
     state = BCOState.init() if bco_state is None else bco_state
     rewards = jax.lax.stop_gradient(beta * data.logratios)
-    batch_count = jnp.asarray(rewards.shape[0], jnp.float32)
-    new_count = state.count + batch_count
-    new_mean = state.mean + (jnp.mean(rewards) - state.mean) * batch_count / new_count
+    new_count = state.count + rewards.shape[0]
+    new_mean = state.mean + (jnp.mean(rewards) - state.mean) * (rewards.shape[0] / new_count)
     delta = new_mean
     shifted = beta * data.logratios - delta
     losses = jnp.where(
@@ -305,7 +304,7 @@ def multi_response_loss(
 
     Metrics: ``rewards`` (``[batch, K]`` implicit rewards, 0 where masked) and
     ``rewards/accuracies`` (``[batch]``, 1 where the highest implicit reward is the highest-scored
-    response).
+    response, 0 for a prompt without responses).
     """
     spec = lookup("multi-response", MULTI_RESPONSE, name)
     hparams = spec.resolve_hparams("multi-response", hparams)
@@ -320,5 +319,6 @@ def multi_response_loss(
     rewards = jax.lax.stop_gradient(jnp.where(mask, hparams["beta"] * (policy - ref), 0.0))
     best_by_model = jnp.argmax(jnp.where(mask, rewards, -jnp.inf), axis=-1)
     best_by_score = jnp.argmax(jnp.where(mask, score_values, -jnp.inf), axis=-1)
-    accuracies = (best_by_model == best_by_score).astype(policy.dtype)
+    # A prompt without any response has nothing to rank: it scores 0 rather than a vacuous match.
+    accuracies = ((best_by_model == best_by_score) & jnp.any(mask, axis=-1)).astype(policy.dtype)
     return losses, {"rewards": rewards, "rewards/accuracies": accuracies}

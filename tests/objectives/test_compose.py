@@ -1,0 +1,167 @@
+"""Composition of objectives: weighted sums, combine, with_, custom terms, transforms and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpref.objectives import Objective, combine, objective
+
+from .helpers import (
+    assert_close,
+    assert_grads_close,
+    assert_tree_close,
+    make_inputs,
+    numerical_grad,
+    reference,
+    stack,
+    to_jax,
+)
+
+RPO_INPUTS = make_inputs("ipo", 8)  # policy, reference and both lengths
+
+
+def rpo():
+    return objective("sigmoid") + 0.2 * objective("sft")
+
+
+def margin_penalty(policy_chosen_logps, policy_rejected_logps, margin=1.0):
+    """A custom term: squared distance of the policy's log-prob margin from ``margin``."""
+    return jnp.square(policy_chosen_logps - policy_rejected_logps - margin)
+
+
+def margin_penalty_reference(inputs, margin=1.0):
+    return (inputs["policy_chosen_logps"] - inputs["policy_rejected_logps"] - margin) ** 2
+
+
+def test_weighted_sum_follows_trl_loss_weights_rule():
+    losses, metrics = rpo()(**RPO_INPUTS)
+    sigmoid, sft = reference("sigmoid", RPO_INPUTS), reference("sft", RPO_INPUTS)
+    assert_close(losses, sigmoid + 0.2 * sft)
+    assert_close(metrics["loss/sigmoid"], sigmoid)
+    assert_close(metrics["loss/sft"], sft)
+    # TRL: loss = sum_k w_k * mean_B(loss_k), with sft the token-mean NLL of the batch's chosen tokens.
+    token_mean_nll = -RPO_INPUTS["policy_chosen_logps"].sum() / RPO_INPUTS["chosen_lengths"].sum()
+    assert float(jnp.mean(losses)) == pytest.approx(sigmoid.mean() + 0.2 * token_mean_nll, rel=1e-6)
+    assert_close(
+        metrics["rewards/chosen"], 0.1 * (RPO_INPUTS["policy_chosen_logps"] - RPO_INPUTS["ref_chosen_logps"])
+    )
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, 0.2]])
+def test_combine_weights_terms(weights):
+    names = ["sigmoid", "ipo", "sft"]
+    combined = combine([objective(n) for n in names], weights)
+    losses, metrics = combined(**RPO_INPUTS)
+    expected = sum(w * reference(n, RPO_INPUTS) for w, n in zip(weights or [1.0] * 3, names))
+    assert_close(losses, expected)
+    assert {f"loss/{n}" for n in names} <= set(metrics)
+
+
+def test_arithmetic_and_repr():
+    sigmoid, sft = objective("sigmoid", beta=0.1), objective("sft")
+    assert repr(rpo()) == "Objective(1.0 * sigmoid() + 0.2 * sft())"
+    assert repr(sigmoid - 2 * sft) == "Objective(1.0 * sigmoid(beta=0.1) + -2.0 * sft())"
+    assert repr(sum([sigmoid, sft])) == "Objective(1.0 * sigmoid(beta=0.1) + 1.0 * sft())"
+    assert_close(
+        (sigmoid - sft)(**RPO_INPUTS)[0], reference("sigmoid", RPO_INPUTS) - reference("sft", RPO_INPUTS)
+    )
+
+
+def test_repeated_terms_get_distinct_metric_names():
+    losses, metrics = (objective("sigmoid") + objective("sigmoid", beta=0.5))(**RPO_INPUTS)
+    assert_close(metrics["loss/sigmoid"], reference("sigmoid", RPO_INPUTS))
+    assert_close(metrics["loss/sigmoid_1"], reference("sigmoid", RPO_INPUTS, beta=0.5))
+    assert_close(losses, metrics["loss/sigmoid"] + metrics["loss/sigmoid_1"])
+
+
+def test_with_sets_hyperparameters_on_terms_that_accept_them():
+    updated = rpo().with_(beta=0.5)
+    assert repr(updated) == "Objective(1.0 * sigmoid(beta=0.5) + 0.2 * sft())"
+    losses, _ = updated(**RPO_INPUTS)
+    assert_close(losses, reference("sigmoid", RPO_INPUTS, beta=0.5) + 0.2 * reference("sft", RPO_INPUTS))
+
+
+def test_terms_only_receive_the_inputs_they_read():
+    """mmpo's qualities must not reach the sigmoid term, which would reject them as hyperparameters."""
+    inputs = make_inputs("mmpo", 8)
+    losses, _ = (objective("sigmoid") + objective("mmpo", gamma=2.0))(**inputs)
+    assert_close(losses, reference("sigmoid", inputs) + reference("mmpo", inputs, gamma=2.0))
+
+
+def test_custom_function_term():
+    custom = Objective.from_fn(margin_penalty, margin=2.0)
+    composed = objective("sigmoid") + 0.5 * custom
+    losses, metrics = composed(**RPO_INPUTS)
+    penalty = margin_penalty_reference(RPO_INPUTS, margin=2.0)
+    assert_close(metrics["loss/margin_penalty"], penalty)
+    assert_close(losses, reference("sigmoid", RPO_INPUTS) + 0.5 * penalty)
+    # with_ reaches the custom term's own hyperparameters.
+    assert_close(
+        composed.with_(margin=3.0)(**RPO_INPUTS)[1]["loss/margin_penalty"],
+        margin_penalty_reference(RPO_INPUTS, margin=3.0),
+    )
+
+
+def test_custom_function_metrics_are_merged():
+    def with_metrics(policy_chosen_logps, **_):
+        return -policy_chosen_logps, {"custom/logps": policy_chosen_logps}
+
+    losses, metrics = Objective.from_fn(with_metrics, name="nll")(**RPO_INPUTS)
+    assert_close(losses, -RPO_INPUTS["policy_chosen_logps"])
+    assert_close(metrics["custom/logps"], RPO_INPUTS["policy_chosen_logps"])
+    assert_close(metrics["loss/nll"], losses)
+
+
+def test_composed_objective_under_jit_grad_and_vmap():
+    composed = rpo() + 0.5 * Objective.from_fn(margin_penalty)
+
+    def composed_reference(inputs):
+        return (
+            reference("sigmoid", inputs)
+            + 0.2 * reference("sft", inputs)
+            + 0.5 * margin_penalty_reference(inputs)
+        )
+
+    keys = ("policy_chosen_logps", "policy_rejected_logps")
+    inputs = to_jax(RPO_INPUTS)
+    grad = jax.jit(jax.grad(lambda policy: composed(**{**inputs, **policy})[0].sum()))(
+        {k: inputs[k] for k in keys}
+    )
+    assert_grads_close(grad, numerical_grad(composed_reference, RPO_INPUTS, keys))
+
+    batches = [make_inputs("ipo", 3, seed) for seed in (0, 1)]
+    mapped = jax.jit(jax.vmap(lambda x: composed(**x)))(to_jax(stack(batches)))
+    for i, batch in enumerate(batches):
+        assert_tree_close(jax.tree_util.tree_map(lambda x: x[i], mapped), composed(**batch))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: objective("not_an_objective"), "`name`"),
+        (lambda: objective("sigmoid", betta=0.1), "betta"),
+        (lambda: rpo().with_(temperature=1.0), "`temperature`"),
+        (lambda: combine([objective("sigmoid"), objective("sft")], [1.0]), "`weights`"),
+        (lambda: combine([]), "`objectives`"),
+    ],
+    ids=["unknown-name", "unknown-hparam", "with-unknown", "weights-length", "empty"],
+)
+def test_construction_errors_name_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "obj,keys",
+    [
+        (rpo(), RPO_INPUTS),
+        (Objective.from_fn(margin_penalty), ["policy_chosen_logps", "policy_rejected_logps"]),
+    ],
+    ids=["registered", "custom"],
+)
+def test_input_no_term_reads_is_an_error(obj, keys):
+    inputs = {key: RPO_INPUTS[key] for key in keys}
+    obj(**inputs)  # fine without the extra input
+    with pytest.raises(ValueError, match=r"\['policy_logps'\]"):
+        obj(**inputs, policy_logps=np.zeros(8))
