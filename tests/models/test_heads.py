@@ -19,7 +19,13 @@ from jaxpref.models import (
 from jaxpref.models.heads import last_token_index
 
 CONFIG = DecoderConfig(
-    vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, pad_token_id=0
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    pad_token_id=0,
 )
 
 
@@ -45,7 +51,9 @@ def test_reward_model_from_causal_lm_and_transformers_round_trip(causal_lm_folde
     ids, mask = batch
     model = from_pretrained(causal_lm_folder, model_class=RewardModel)
     backbone = from_pretrained(causal_lm_folder)
-    np.testing.assert_array_equal(model.model.embed_tokens.embedding[...], backbone.embed_tokens.embedding[...])
+    np.testing.assert_array_equal(
+        model.model.embed_tokens.embedding[...], backbone.embed_tokens.embedding[...]
+    )
     rewards = model(jnp.asarray(ids), segment_ids=jnp.asarray(mask))
     assert rewards.shape == (2,) and np.isfinite(rewards).all()
     # Padding after the last token does not change a reward.
