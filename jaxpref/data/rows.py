@@ -1,0 +1,318 @@
+"""Rows of preference data from local JSONL or Parquet files, in the common public layouts.
+
+Layouts (field names as in the files; ``field_map`` maps ours to a file's, e.g.
+``{"chosen": "response_j"}``):
+
+- ``"pairwise"``: ``{prompt, chosen, rejected}``. Without ``prompt``, ``chosen`` / ``rejected`` are
+  whole conversations (Anthropic HH) and the prompt is their longest shared prefix ending at the last
+  assistant turn marker (:func:`split_shared_prompt`).
+- ``"unpaired"``: ``{prompt, completion, label}`` with a boolean ``label`` (KTO).
+- ``"ranked"``: ``{prompt, responses, scores}``, two or more responses with one finite score each.
+- ``"sft"``: ``{prompt, completion}``, or ``{messages}`` whose last assistant message is the completion
+  and the messages before it the prompt (messages after it are ignored).
+
+Each text is a string or a chat message list ``[{"role": ..., "content": ...}, ...]``. When any text
+of a row is chat, the whole row is: a string prompt becomes a user message and a string response an
+assistant message. Chat responses that repeat the prompt messages first (as in UltraFeedback) have
+them removed.
+
+Rows that break these rules are skipped and counted by reason in a
+:class:`~jaxpref.data.report.PreparationReport`; a file that cannot be parsed is a ValueError naming
+the file and line.
+
+>>> row = parse_row({"chosen": "\\n\\nHuman: 2+2?\\n\\nAssistant: 4", "rejected": "\\n\\nHuman: 2+2?\\n\\nAssistant: 5"},
+...                 "pairwise")
+>>> row.prompt, row.responses
+('\\n\\nHuman: 2+2?\\n\\nAssistant:', (' 4', ' 5'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from jaxpref.data.report import (
+    EMPTY_RESPONSE,
+    IDENTICAL_RESPONSES,
+    MISSING_FIELD,
+    NO_SHARED_PROMPT,
+    SCORES_MISMATCH,
+    TOO_FEW_RESPONSES,
+    WRONG_TYPE,
+    BadRow,
+    PreparationReport,
+)
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+Text = str | tuple[Message, ...]  # plain text or chat messages
+
+# Fields each layout reads; `field_map` keys must be among them.
+LAYOUT_FIELDS = {
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "ranked": ("prompt", "responses", "scores"),
+    "sft": ("prompt", "completion", "messages"),
+}
+LAYOUTS = tuple(LAYOUT_FIELDS)
+ASSISTANT = "assistant"
+HH_ASSISTANT_MARKER = "\n\nAssistant:"  # Anthropic HH's turn marker
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One parsed row: a prompt and its responses, all strings or all chat messages."""
+
+    prompt: Text
+    responses: tuple[Text, ...]  # pairwise: (chosen, rejected); sft / unpaired: (completion,); ranked: K
+    label: bool | None = None  # unpaired only
+    scores: tuple[float, ...] | None = None  # ranked only, one per response
+    source: str = ""  # "file:line", for reports
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+def check_layout(layout: str, field_map: Mapping[str, str] | None = None) -> None:
+    if layout not in LAYOUT_FIELDS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    unknown = set(field_map or ()) - set(LAYOUT_FIELDS[layout])
+    if unknown:
+        raise ValueError(
+            f"`field_map` has keys {sorted(unknown)} that layout {layout!r} does not read; "
+            f"its fields are {LAYOUT_FIELDS[layout]}."
+        )
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yields ``(line number from 1, record)`` of a JSONL file, or ``(row number from 1, record)`` of
+    a ``.parquet`` file. Blank JSONL lines are not records; any other unparsable line is a ValueError."""
+    path = pathlib.Path(path)
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({error}); fix or remove that line."
+                ) from None
+            yield number, record
+
+
+def _read_parquet(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        number = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except pyarrow.ArrowException as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({error}).") from None
+
+
+def read_rows(
+    files: Iterable[str | os.PathLike],
+    layout: str,
+    report: PreparationReport,
+    *,
+    field_map: Mapping[str, str] | None = None,
+) -> Iterator[Row]:
+    """Parses every record of ``files``, counting it in ``report.rows_read`` and, when it is
+    unusable, in ``report.skipped`` instead of yielding it."""
+    check_layout(layout, field_map)
+    for path in files:
+        for number, record in read_records(path):
+            source = f"{path}:{number}"
+            report.rows_read += 1
+            try:
+                row = parse_row(record, layout, field_map, source=source)
+            except BadRow as bad:
+                report.skip(bad.reason, source, bad.detail)
+                continue
+            yield row
+
+
+def parse_row(
+    record: Any, layout: str, field_map: Mapping[str, str] | None = None, *, source: str = ""
+) -> Row:
+    """One record as a :class:`Row` of ``layout``; raises :class:`BadRow` when it is unusable."""
+    if not isinstance(record, dict):
+        raise BadRow(WRONG_TYPE, f"a row must be an object, got {type(record).__name__}")
+    fields = _Fields(record, field_map or {})
+    label = scores = None
+    if layout == "pairwise":
+        prompt, responses = _pairwise(fields)
+    elif layout == "unpaired":
+        prompt, responses = fields.text("prompt"), (fields.text("completion"),)
+        label = fields.get("label")
+        if not isinstance(label, bool):
+            raise BadRow(WRONG_TYPE, f"`{fields.column('label')}` must be true or false, got {label!r}")
+    elif layout == "ranked":
+        prompt, responses, scores = _ranked(fields)
+    elif layout == "sft":
+        prompt, responses = _sft(fields)
+    else:
+        check_layout(layout)
+    prompt, responses = _unify(prompt, responses)
+    if any(_is_empty(response) for response in responses):
+        raise BadRow(EMPTY_RESPONSE, "a response is empty")
+    if len(responses) > 1 and all(response == responses[0] for response in responses):
+        raise BadRow(IDENTICAL_RESPONSES, "all responses are the same")
+    return Row(prompt, responses, label=label, scores=scores, source=source)
+
+
+class _Fields:
+    """Typed access to a record's fields under their mapped column names."""
+
+    def __init__(self, record: dict[str, Any], field_map: Mapping[str, str]):
+        self.record = record
+        self.field_map = field_map
+
+    def column(self, name: str) -> str:
+        return self.field_map.get(name, name)
+
+    def has(self, name: str) -> bool:
+        return self.record.get(self.column(name)) is not None
+
+    def get(self, name: str) -> Any:
+        if not self.has(name):
+            raise BadRow(MISSING_FIELD, f"no `{self.column(name)}`")
+        return self.record[self.column(name)]
+
+    def text(self, name: str) -> Text:
+        return _as_text(self.get(name), self.column(name))
+
+
+def _as_text(value: Any, column: str) -> Text:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(_is_message(message) for message in value):
+        return tuple({"role": message["role"], "content": message["content"]} for message in value)
+    raise BadRow(WRONG_TYPE, f"`{column}` must be a string or a list of {{role, content}} messages")
+
+
+def _is_message(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("role"), str)
+        and isinstance(value.get("content"), str)
+    )
+
+
+def _is_empty(text: Text) -> bool:
+    if isinstance(text, str):
+        return not text.strip()
+    return all(not message["content"].strip() for message in text)
+
+
+def _as_chat(text: Text, role: str) -> tuple[Message, ...]:
+    if not isinstance(text, str):
+        return text
+    return ({"role": role, "content": text},) if text else ()
+
+
+def _unify(prompt: Text, responses: tuple[Text, ...]) -> tuple[Text, tuple[Text, ...]]:
+    """All strings, or all chat with leading copies of the prompt messages cut from the responses."""
+    if all(isinstance(text, str) for text in (prompt, *responses)):
+        return prompt, responses
+    prompt = _as_chat(prompt, "user")
+    responses = tuple(_as_chat(response, ASSISTANT) for response in responses)
+    if prompt:
+        responses = tuple(
+            response[len(prompt) :] if response[: len(prompt)] == prompt else response
+            for response in responses
+        )
+    return prompt, responses
+
+
+def _pairwise(fields: _Fields) -> tuple[Text, tuple[Text, ...]]:
+    chosen, rejected = fields.text("chosen"), fields.text("rejected")
+    if fields.has("prompt"):
+        return fields.text("prompt"), (chosen, rejected)
+    prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+    return prompt, (chosen, rejected)
+
+
+def split_shared_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """``(prompt, chosen response, rejected response)`` of two whole conversations (Anthropic HH).
+
+    The prompt is their longest shared prefix ending at the last assistant turn marker: the text up
+    to and including the last ``"\\n\\nAssistant:"`` of the shared prefix, or for chat the shared
+    messages up to the last point where both conversations continue with an assistant message.
+    Raises :class:`BadRow` when there is no such prompt.
+    """
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        shared = os.path.commonprefix([chosen, rejected])
+        cut = shared.rfind(HH_ASSISTANT_MARKER)
+        if cut < 0:
+            raise BadRow(
+                NO_SHARED_PROMPT, f"chosen and rejected share no prefix ending in {HH_ASSISTANT_MARKER!r}"
+            )
+        end = cut + len(HH_ASSISTANT_MARKER)
+        return chosen[:end], chosen[end:], rejected[end:]
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        raise BadRow(
+            WRONG_TYPE, "without a prompt, chosen and rejected must both be strings or both message lists"
+        )
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    # Back off to where both conversations continue with an assistant turn.
+    while shared > 0 and not (_is_assistant_at(chosen, shared) and _is_assistant_at(rejected, shared)):
+        shared -= 1
+    if shared == 0:
+        raise BadRow(NO_SHARED_PROMPT, "chosen and rejected share no messages before an assistant turn")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _is_assistant_at(messages: tuple[Message, ...], index: int) -> bool:
+    return index < len(messages) and messages[index]["role"] == ASSISTANT
+
+
+def _ranked(fields: _Fields) -> tuple[Text, tuple[Text, ...], tuple[float, ...]]:
+    prompt = fields.text("prompt")
+    values, scores = fields.get("responses"), fields.get("scores")
+    column, scores_column = fields.column("responses"), fields.column("scores")
+    if not isinstance(values, list | tuple):
+        raise BadRow(WRONG_TYPE, f"`{column}` must be a list of responses")
+    responses = tuple(_as_text(value, f"{column}[{i}]") for i, value in enumerate(values))
+    if not isinstance(scores, list | tuple) or not all(_is_finite_number(score) for score in scores):
+        raise BadRow(WRONG_TYPE, f"`{scores_column}` must be a list of finite numbers")
+    if len(scores) != len(responses):
+        raise BadRow(SCORES_MISMATCH, f"{len(responses)} responses but {len(scores)} scores")
+    if len(responses) < 2:
+        raise BadRow(TOO_FEW_RESPONSES, f"{len(responses)} response(s); ranking needs at least 2")
+    return prompt, responses, tuple(float(score) for score in scores)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sft(fields: _Fields) -> tuple[Text, tuple[Text, ...]]:
+    if not fields.has("messages"):
+        return fields.text("prompt"), (fields.text("completion"),)
+    messages = fields.text("messages")
+    if isinstance(messages, str):
+        raise BadRow(
+            WRONG_TYPE, f"`{fields.column('messages')}` must be a list of {{role, content}} messages"
+        )
+    last = max((i for i, message in enumerate(messages) if message["role"] == ASSISTANT), default=None)
+    if last is None:
+        raise BadRow(MISSING_FIELD, f"no assistant message in `{fields.column('messages')}`")
+    return messages[:last], (messages[last : last + 1],)
