@@ -1,0 +1,181 @@
+"""The batch contract between the data pipeline and the train step.
+
+A batch is a dict of NumPy arrays with fixed shapes (so the step compiles once):
+
+- the fields of a :class:`~jaxpref.models.packing.PackedBatch` (``input_ids``, ``completion_mask``,
+  ``segment_ids``, ``positions``, ``predictor_index``, ``sequence_rows``, ``sequence_segments``;
+  ``prefix_segment_ids`` may be absent or None). Row arrays are ``[rows, row_length]``.
+- ``example_index`` ``[examples]``: each example's index in the dataset, the key of the cached
+  reference log-probs (:mod:`jaxpref.train.reference`).
+- **pairwise**: sequences ``0..B-1`` are the chosen responses, ``B..2B-1`` the rejected ones (as
+  :func:`~jaxpref.models.packing.prefix_shared_pairs` lays them out); with precomputed reference
+  log-probs also ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]``.
+- **unpaired** (KTO and relatives): one sequence per example, ``labels`` ``[B]`` (1 = desirable),
+  ``ref_logps`` ``[B]`` when precomputed, and optionally a second PackedBatch of mismatched KL
+  sequences under ``kl_``-prefixed keys (``kl_input_ids``, ...; ``kl_ref_logps`` when precomputed),
+  KL sequence ``j`` built from example ``j``.
+- **sft**: the row arrays of a PackedBatch (the sequence fields are not needed); the loss is the
+  token-mean NLL of the completion tokens.
+
+Gradient accumulation over ``A`` microbatches splits rows and examples *strided*: microbatch
+``k`` holds rows ``k, k + A, ...`` and examples ``k, k + A, ...``, so a batch sharded by rows over
+the devices gives every microbatch an equal share of every device's rows (no resharding). For
+pairwise and unpaired data every sequence of example ``i`` must therefore lie in a row ``r`` with
+``r % A == i % A`` (one row per pair, as ``prefix_shared_pairs`` builds, always satisfies this);
+:func:`check_microbatches` verifies it on the host. SFT losses are token sums, so SFT rows may hold
+any sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxpref.models.logprobs import sequence_logps
+from jaxpref.models.packing import PackedBatch
+from jaxpref.sharding import LOGICAL_AXIS_RULES, logical_sharding
+
+Array = jax.Array
+
+FAMILIES = ("pairwise", "unpaired", "sft")
+KL_PREFIX = "kl_"
+LAYOUT_FIELDS = ("positions", "segment_ids", "prefix_segment_ids", "predictor_index")  # sequence_logps kwargs
+ROW_FIELDS = ("input_ids", "completion_mask", *LAYOUT_FIELDS)
+SEQUENCE_FIELDS = ("sequence_rows", "sequence_segments")
+# Reference log-prob keys of each family, in sequence order (chosen before rejected).
+REFERENCE_KEYS = {"pairwise": ("ref_chosen_logps", "ref_rejected_logps"), "unpaired": ("ref_logps",)}
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"`family`={family!r} must be one of {FAMILIES}.")
+
+
+def sequence_groups(family: str) -> int:
+    """How many sequences each example has: 2 for pairs (chosen, rejected), else 1."""
+    return 2 if family == "pairwise" else 1
+
+
+def sub_batch(batch: Mapping[str, Array], prefix: str) -> dict[str, Array]:
+    """The keys starting with ``prefix`` (prefix removed); ``""`` gives the keys without ``kl_``."""
+    if prefix:
+        return {k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)}
+    return {k: v for k, v in batch.items() if not k.startswith(KL_PREFIX)}
+
+
+def packed_batch(batch: Mapping[str, Array]) -> PackedBatch:
+    """The :class:`PackedBatch` stored in ``batch`` (``prefix_segment_ids`` optional)."""
+    missing = [f for f in PackedBatch._fields if f != "prefix_segment_ids" and batch.get(f) is None]
+    if missing:
+        raise ValueError(f"`batch` lacks the PackedBatch field(s) {missing}; it has {sorted(batch)}.")
+    return PackedBatch(**{f: batch.get(f) for f in PackedBatch._fields})
+
+
+def packed_logps(model: nnx.Module, packed: PackedBatch, **lm_head_options) -> tuple[Array, Array]:
+    """Summed completion log-probs and completion lengths of every sequence, ``[sequences]`` each."""
+    token_logps, _ = sequence_logps(
+        model, packed.input_ids, packed.completion_mask, **packed.layout(), **lm_head_options
+    )
+    return packed.sequence_sums(token_logps), packed.sequence_sums(packed.completion_mask)
+
+
+def split_microbatches(batch: Mapping[str, Array], num_microbatches: int, groups: int) -> dict[str, Array]:
+    """Stacks ``batch`` (no ``kl_`` keys) into ``num_microbatches`` strided microbatches, ``[A, ...]``.
+
+    Row arrays ``[rows, ...]`` become ``[A, rows / A, ...]``, per-example arrays ``[B, ...]``
+    become ``[A, B / A, ...]``, and the ``groups * B`` sequences ``[A, groups * B / A]`` (each
+    microbatch keeping the chosen-then-rejected order), their rows renumbered within the microbatch.
+    """
+    count = num_microbatches
+
+    def strided(x: Array) -> Array:  # [n, ...] -> [A, n / A, ...]: item i goes to microbatch i % A
+        return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+    split = {}
+    for key, value in batch.items():
+        if key in SEQUENCE_FIELDS:
+            value = value.reshape(groups, -1, count).transpose(2, 0, 1).reshape(count, -1)
+            split[key] = value // count if key == "sequence_rows" else value
+        else:
+            split[key] = strided(value)
+    return split
+
+
+def check_microbatches(batch: Mapping[str, np.ndarray], num_microbatches: int, family: str) -> None:
+    """Raises a ValueError unless ``batch`` splits into ``num_microbatches`` whole microbatches.
+
+    Checks NumPy batches only (a device batch would need a host round trip).
+    """
+    if num_microbatches == 1:
+        return
+    prefixes = ("", KL_PREFIX) if f"{KL_PREFIX}input_ids" in batch else ("",)
+    for prefix in prefixes:
+        part = sub_batch(batch, prefix)
+        if not all(isinstance(v, np.ndarray) for v in part.values()):
+            return
+        rows = len(part["input_ids"])
+        if rows % num_microbatches:
+            raise ValueError(
+                f"`grad_accum_steps`={num_microbatches} must divide the {rows} rows of `{prefix}input_ids`."
+            )
+        if family == "sft":  # token sums: any sequence may go to any microbatch
+            continue
+        groups = 1 if prefix else sequence_groups(family)
+        sequence_rows = part["sequence_rows"]
+        examples = len(sequence_rows) // groups
+        if examples % num_microbatches:
+            raise ValueError(
+                f"`grad_accum_steps`={num_microbatches} must divide the {examples} examples of the batch "
+                f"(`{prefix}sequence_rows` has {len(sequence_rows)} sequences)."
+            )
+        example = np.tile(np.arange(examples), groups)
+        misplaced = np.flatnonzero(sequence_rows % num_microbatches != example % num_microbatches)
+        if misplaced.size:
+            i = int(misplaced[0])
+            raise ValueError(
+                f"With `grad_accum_steps`={num_microbatches}, sequence {i} (example {example[i]}) must lie in "
+                f"a row r with r % {num_microbatches} == {example[i] % num_microbatches}, but "
+                f"`{prefix}sequence_rows`[{i}] = {sequence_rows[i]}: pack each microbatch's examples in its "
+                "own rows (see jaxpref.train.batches)."
+            )
+
+
+def batch_sharding(
+    mesh: Mesh, shape: tuple[int, ...], rules: Mapping = LOGICAL_AXIS_RULES, leading: int = 0
+) -> NamedSharding:
+    """Sharding of a batch array: its first axis after ``leading`` ones split over the batch axes."""
+    axes = (None,) * leading + ("batch",) + (None,) * (len(shape) - leading - 1)
+    return logical_sharding(mesh, axes, shape, rules)
+
+
+def shard_batch(
+    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES
+) -> dict[str, Array]:
+    """Places every array of ``batch`` on ``mesh``, split by rows (or examples) over data and fsdp."""
+    return {
+        key: jax.device_put(value, batch_sharding(mesh, np.shape(value), rules))
+        for key, value in batch.items()
+    }
+
+
+def constrain_microbatches(
+    microbatches: Mapping[str, Array], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES
+) -> dict[str, Array]:
+    """Keeps stacked ``[A, n, ...]`` microbatches split over the batch axes along ``n`` (in jit)."""
+    return {
+        key: jax.lax.with_sharding_constraint(value, batch_sharding(mesh, value.shape, rules, leading=1))
+        for key, value in microbatches.items()
+    }
+
+
+def count_tokens(batch: Mapping[str, Array]) -> Array:
+    """Non-padding tokens of the batch and of its KL batch, ``[]`` int32."""
+    total = jnp.sum(batch["segment_ids"] != 0)
+    if f"{KL_PREFIX}segment_ids" in batch:
+        total += jnp.sum(batch[f"{KL_PREFIX}segment_ids"] != 0)
+    return total

@@ -1,0 +1,243 @@
+"""Reference log-probs computed once over a dataset, cached on disk, attached to batches.
+
+With ``reference="cached"`` the train step reads the reference model's sequence log-probs from the
+batch instead of running a frozen copy of the model: half the forward passes and no second set of
+weights in device memory. The flow::
+
+    logps, from_cache = cached_reference_logps(cache_dir, reference_model, batches)
+    state, metrics = train_step(state, logps.attach(batch))
+
+The cache file is named by a hash of the dataset's fingerprint (by default a hash of every array
+of every batch), the reference parameters (a hash of their bytes), the model config and the
+family; a change to any of them is a cache miss and the log-probs are recomputed. Values are keyed
+by each example's ``example_index``, so the training loader may shuffle and batch differently
+from the pass that computed them.
+
+Stored keys: pairwise ``ref_chosen_logps`` / ``ref_rejected_logps``; unpaired ``ref_logps`` and,
+when the batches carry a KL batch, ``kl_ref_logps`` (KL sequence ``j`` of a batch belongs to example
+``j``, so the loader must build each example's KL sequence deterministically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE
+from jaxpref.sharding import LOGICAL_AXIS_RULES, make_mesh
+from jaxpref.train.batches import (
+    KL_PREFIX,
+    REFERENCE_KEYS,
+    ROW_FIELDS,
+    SEQUENCE_FIELDS,
+    check_family,
+    packed_batch,
+    packed_logps,
+    shard_batch,
+    sub_batch,
+)
+from jaxpref.train.step import param_shardings
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1  # bump when the file layout or the computation changes
+Batches = Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceLogps:
+    """Reference log-probs per example, sorted by ``example_index``."""
+
+    example_index: np.ndarray  # [examples] int64, sorted, unique
+    values: Mapping[str, np.ndarray]  # key -> [examples] float32, e.g. "ref_chosen_logps"
+
+    def attach(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``batch`` plus its examples' reference log-probs, looked up by ``batch["example_index"]``."""
+        if "example_index" not in batch:
+            raise ValueError(
+                f"`batch` needs an 'example_index' key to look up reference log-probs; it has {sorted(batch)}."
+            )
+        wanted = np.asarray(batch["example_index"])
+        slots = np.clip(np.searchsorted(self.example_index, wanted), 0, len(self.example_index) - 1)
+        unknown = wanted[self.example_index[slots] != wanted]
+        if unknown.size:
+            raise ValueError(
+                f"`batch['example_index']` has {unknown.size} example(s) without cached reference "
+                f"log-probs (e.g. {unknown[:5].tolist()}): the cache was computed on other data."
+            )
+        return {**batch, **{key: values[slots] for key, values in self.values.items()}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes an ``.npz`` atomically (a temporary file renamed), so readers never see half a file."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as f:
+            np.savez(f, example_index=self.example_index, **self.values)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReferenceLogps:
+        with np.load(path) as data:
+            values = {key: data[key] for key in data.files if key != "example_index"}
+            return cls(data["example_index"], values)
+
+
+def _hash_arrays(digest, named_arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+    for name, array in named_arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+
+
+def params_fingerprint(params: nnx.State) -> str:
+    """SHA-256 of every parameter's path, dtype, shape and bytes (fetched one at a time)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    _hash_arrays(digest, ((jax.tree_util.keystr(path), jax.device_get(leaf)) for path, leaf in leaves))
+    return digest.hexdigest()
+
+
+def batches_fingerprint(batches: Iterable[Mapping[str, np.ndarray]]) -> str:
+    """SHA-256 of every array of every batch, in order."""
+    digest = hashlib.sha256()
+    for i, batch in enumerate(batches):
+        _hash_arrays(digest, ((f"{i}/{key}", batch[key]) for key in sorted(batch) if batch[key] is not None))
+    return digest.hexdigest()
+
+
+def _iterate(batches: Batches) -> Iterable[Mapping[str, np.ndarray]]:
+    return batches() if callable(batches) else batches
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "family", "chunk_size", "vocab_chunk_size"))
+def _forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    other_state: nnx.State,
+    batch: dict[str, jax.Array],
+    family: str,
+    chunk_size: int,
+    vocab_chunk_size: int | None,
+) -> dict[str, jax.Array]:  # reference key -> [examples]
+    """The reference model's sequence log-probs of one batch (and of its KL batch), in eval mode.
+
+    Module-level, so every call with the same model structure reuses one compilation.
+    """
+    model = nnx.merge(graphdef, params, other_state)
+    model.eval()  # no dropout and the like, should the model have any
+    lm_head_options = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    keys = REFERENCE_KEYS[family]
+    logps = packed_logps(model, packed_batch(sub_batch(batch, "")), **lm_head_options)[0]
+    outputs = dict(zip(keys, jnp.split(logps, len(keys))))
+    kl_batch = sub_batch(batch, KL_PREFIX)
+    if kl_batch:
+        outputs[f"{KL_PREFIX}ref_logps"] = packed_logps(model, packed_batch(kl_batch), **lm_head_options)[0]
+    return outputs
+
+
+def compute_reference_logps(
+    model: nnx.Module,
+    batches: Batches,
+    *,
+    family: str = "pairwise",
+    mesh: Mesh | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+    rules: Mapping = LOGICAL_AXIS_RULES,
+) -> ReferenceLogps:
+    """Runs ``model`` (in eval mode, forward only) over ``batches`` and collects per-example log-probs.
+
+    Every batch needs ``example_index``. ``mesh`` (default: all devices on the data axis) splits
+    the batches by rows and holds the parameters, sharded by their logical axes (not copied when
+    they are placed so already, e.g. by ``from_pretrained(..., mesh=mesh)``).
+    """
+    check_family(family)
+    if family not in REFERENCE_KEYS:
+        raise ValueError(f"`family`={family!r} has no reference log-probs; use 'pairwise' or 'unpaired'.")
+    mesh = make_mesh() if mesh is None else mesh
+    graphdef, params, other_state = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(params, param_shardings(params, mesh, rules))
+    fields = (*ROW_FIELDS, *SEQUENCE_FIELDS)
+    collected: dict[int, dict[str, float]] = {}
+    for batch in _iterate(batches):
+        if "example_index" not in batch:
+            raise ValueError(f"Every batch needs an 'example_index' key; got {sorted(batch)}.")
+        example_index = np.asarray(batch["example_index"]).tolist()
+        inputs = {
+            k: batch[k] for k in (*fields, *(KL_PREFIX + f for f in fields)) if batch.get(k) is not None
+        }
+        batch_on_mesh = shard_batch(inputs, mesh, rules)
+        outputs = _forward(graphdef, params, other_state, batch_on_mesh, family, chunk_size, vocab_chunk_size)
+        outputs = jax.device_get(outputs)
+        for key, values in outputs.items():
+            if len(values) != len(example_index):
+                raise ValueError(
+                    f"`{key}` has {len(values)} sequences but the batch has {len(example_index)} examples; "
+                    "KL sequence j must belong to example j."
+                )
+        for i, index in enumerate(example_index):
+            collected[index] = {key: values[i] for key, values in outputs.items()}
+    if not collected:
+        raise ValueError("`batches` is empty: there is nothing to compute reference log-probs for.")
+    example_index = np.array(sorted(collected), np.int64)
+    keys = collected[int(example_index[0])].keys()
+    values = {key: np.array([collected[i][key] for i in example_index.tolist()], np.float32) for key in keys}
+    return ReferenceLogps(example_index, values)
+
+
+def reference_cache_key(dataset_fingerprint: str, model: nnx.Module, family: str) -> str:
+    """Hash of what the reference log-probs depend on: the data, the weights, the architecture."""
+    parts = (
+        f"version={_CACHE_VERSION}",
+        f"family={family}",
+        f"data={dataset_fingerprint}",
+        f"params={params_fingerprint(nnx.state(model, nnx.Param))}",
+        f"config={getattr(model, 'config', type(model).__name__)!r}",
+    )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cached_reference_logps(
+    cache_dir: str | os.PathLike,
+    model: nnx.Module,
+    batches: Batches,
+    *,
+    family: str = "pairwise",
+    dataset_fingerprint: str | None = None,
+    **compute_options,
+) -> tuple[ReferenceLogps, bool]:
+    """The reference log-probs of ``batches`` from ``cache_dir``, computed and stored on a miss.
+
+    Returns ``(logps, from_cache)``. ``dataset_fingerprint`` identifies the data (e.g. a dataset
+    version and split); by default it is a hash of all batches, which then must be iterable twice
+    (a list, or a function returning a fresh iterator). ``compute_options`` go to
+    :func:`compute_reference_logps`.
+    """
+    if dataset_fingerprint is None:
+        if not callable(batches) and iter(batches) is batches:
+            raise ValueError(
+                "`batches` is a one-shot iterator but hashing it and computing on it takes two passes: "
+                "pass a list, a function returning a fresh iterator, or `dataset_fingerprint`."
+            )
+        dataset_fingerprint = batches_fingerprint(_iterate(batches))
+    key = reference_cache_key(dataset_fingerprint, model, family)
+    path = pathlib.Path(cache_dir) / f"reference_logps-{key[:32]}.npz"
+    if path.exists():
+        logger.info("reference log-probs: cache hit %s", path)
+        return ReferenceLogps.load(path), True
+    logger.info("reference log-probs: cache miss, computing %s", path)
+    logps = compute_reference_logps(model, batches, family=family, **compute_options)
+    logps.save(path)
+    return logps, False

@@ -1,0 +1,423 @@
+"""One jitted training step for every family: policy log-probs -> objective -> gradients -> optax.
+
+:func:`build_step` joins a model, an :class:`~jaxpref.objectives.Objective` and an optax optimizer
+on a mesh, and returns a :class:`TrainStep`: ``init`` creates the :class:`TrainState` directly in
+its sharded layout, and calling it runs ``train_step(state, batch) -> (state, metrics)``.
+
+Inside the step:
+
+1. The batch (see :mod:`jaxpref.train.batches`) is split into ``grad_accum_steps`` microbatches,
+   scanned with :func:`jax.lax.scan`. Each adds the *sum* of its per-example losses (per-token for
+   SFT), the number of examples (tokens) and the gradient of that sum; the totals are divided once
+   at the end, so the update equals the full-batch update exactly (up to float summation order).
+   Objectives that are batch-level by definition (``aot``, and the NLL terms of ``sft`` / ``cpo`` /
+   ``orpo`` in pairwise objectives) see one microbatch at a time. KTO's KL reference point does
+   not: the KL batch (no gradient) is run first over the whole batch.
+2. Reference log-probs come from a frozen copy of the initial policy (``reference="frozen"``, run
+   under ``stop_gradient``), from the batch (``"cached"``, see :mod:`jaxpref.train.reference`), or
+   are absent (``"none"``: reference-free objectives and SFT).
+3. A non-finite loss or gradient norm skips the update: params and optimizer state keep their
+   values (so the optimizer's own count and learning-rate schedule see only applied updates), while
+   ``step`` still advances, since it counts batches consumed and keeps the data position, logs and
+   checkpoints aligned. ``state.nonfinite_count`` counts consecutive skips; the loop
+   (:func:`jaxpref.train.loop.train`) stops after too many.
+
+Metrics (floats, TRL's names where TRL has them): ``loss``, the objective's metrics averaged over
+the batch (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``, ``loss/<term>``, ...), ``grad_norm`` (before any clipping in
+the optimizer), ``learning_rate`` (when the optimizer is wrapped in
+:func:`optax.inject_hyperparams`), ``num_tokens`` (non-padding tokens of the batch),
+``nonfinite_skipped`` (1.0 when this update was skipped) and ``nonfinite_consecutive``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpref.models.decoder import param_logical_axes
+from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE, sequence_logps
+from jaxpref.objectives import Objective
+from jaxpref.sharding import LOGICAL_AXIS_RULES, logical_sharding
+from jaxpref.train.batches import (
+    KL_PREFIX,
+    LAYOUT_FIELDS,
+    REFERENCE_KEYS,
+    ROW_FIELDS,
+    SEQUENCE_FIELDS,
+    check_family,
+    check_microbatches,
+    constrain_microbatches,
+    count_tokens,
+    packed_batch,
+    packed_logps,
+    sequence_groups,
+    shard_batch,
+    split_microbatches,
+    sub_batch,
+)
+
+Array = jax.Array
+REFERENCES = ("frozen", "cached", "none")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, checkpointed whole by :mod:`jaxpref.train.checkpoint`."""
+
+    step: Array  # [] int32: batches consumed, skipped ones included
+    params: nnx.State  # the policy's nnx.Param variables
+    opt_state: optax.OptState
+    rng: Array  # [2] uint32 raw key data (a plain array, so it checkpoints like any other)
+    ref_params: nnx.State | None  # frozen copy of the initial policy when reference="frozen"
+    nonfinite_count: Array  # [] int32: consecutive updates skipped for a non-finite loss or gradient
+
+
+def param_shardings(params: nnx.State, mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES) -> nnx.State:
+    """A State like ``params`` holding each parameter's ``NamedSharding`` (from its logical axes)."""
+    return nnx.from_flat_state(
+        [
+            (path, v.replace(logical_sharding(mesh, param_logical_axes(path, len(v.shape)), v.shape, rules)))
+            for path, v in nnx.to_flat_state(params)
+        ]
+    )
+
+
+def _opt_state_shardings(abstract_opt_state, abstract_params: nnx.State, shardings: nnx.State, mesh: Mesh):
+    """Optimizer-state subtrees shaped like the params (Adam's mu, nu, ...) are sharded like them;
+    everything else (counts, hyperparameters, factored statistics) is replicated."""
+    params_def = jax.tree.structure(abstract_params)
+    param_shapes = [x.shape for x in jax.tree.leaves(abstract_params)]
+
+    def like_params(node) -> bool:
+        return (
+            jax.tree.structure(node) == params_def
+            and [x.shape for x in jax.tree.leaves(node)] == param_shapes
+        )
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda node: shardings if like_params(node) else replicated, abstract_opt_state, is_leaf=like_params
+    )
+
+
+def _learning_rate(opt_state) -> Array | None:
+    """The learning rate stored by ``optax.inject_hyperparams``, or None when there is none."""
+    try:
+        return optax.tree_utils.tree_get(
+            opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array)
+        )
+    except KeyError:  # several learning rates (e.g. optax.multi_transform): none is "the" one
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """What :func:`build_step` returns. Call it as ``state, metrics = train_step(state, batch)``."""
+
+    mesh: Mesh
+    family: str
+    reference: str
+    grad_accum_steps: int
+    state_shardings: TrainState  # a NamedSharding per TrainState array
+    batch_keys: tuple[str, ...]  # keys every batch needs (besides the optional prefix_segment_ids)
+    kl_batch_keys: tuple[str, ...]  # keys needed when the batch has a KL batch (unpaired)
+    rules: Mapping
+    _init: Callable[..., TrainState]
+    _step: Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]
+
+    def init(self, params: nnx.State | Callable[[], nnx.State] | None = None, *, seed: int = 0) -> TrainState:
+        """A fresh TrainState, created directly in its sharded layout.
+
+        ``params`` defaults to the model's own; a zero-argument function returning them (e.g.
+        ``lambda: nnx.state(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)``) runs inside the jitted
+        init, so the weights are never materialised unsharded. Given arrays are copied.
+        """
+        return self._init(params, seed)
+
+    def shard_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+        """Checks a host batch against the contract and places it on the mesh, split by rows.
+
+        Keys the step does not read (``example_index``, ...) are dropped before the transfer.
+        """
+        keys = self.batch_keys
+        if f"{KL_PREFIX}input_ids" in batch:
+            keys += self.kl_batch_keys
+        missing = [k for k in keys if batch.get(k) is None]
+        if missing:
+            hint = " (attach them with ReferenceLogps.attach)" if self.reference == "cached" else ""
+            raise ValueError(f"`batch` lacks key(s) {missing}{hint}; it has {sorted(batch)}.")
+        optional = [
+            k for k in ("prefix_segment_ids", f"{KL_PREFIX}prefix_segment_ids") if batch.get(k) is not None
+        ]
+        used = {k: batch[k] for k in (*keys, *optional)}
+        check_microbatches(used, self.grad_accum_steps, self.family)
+        return shard_batch(used, self.mesh, self.rules)
+
+    def __call__(self, state: TrainState, batch: Mapping[str, np.ndarray]) -> tuple[TrainState, dict]:
+        """One update; ``state``'s buffers are donated (reuse the returned state only)."""
+        return self._step(state, self.shard_batch(batch))
+
+
+def _batch_keys(family: str, reference: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys every batch needs, keys a KL batch needs) for a family and reference source."""
+    rows = tuple(f for f in ROW_FIELDS if f != "prefix_segment_ids")
+    if family == "sft":  # token sums need no sequence boundaries
+        return rows, ()
+    packed = rows + SEQUENCE_FIELDS
+    cached = reference == "cached"
+    keys = packed + (REFERENCE_KEYS[family] if cached else ())
+    if family == "pairwise":
+        return keys, ()
+    kl_keys = tuple(KL_PREFIX + f for f in packed) + ((f"{KL_PREFIX}ref_logps",) if cached else ())
+    return keys + ("labels",), kl_keys
+
+
+def build_step(
+    model: nnx.Module,
+    objective: Objective | None,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    reference: str = "frozen",
+    family: str = "pairwise",
+    grad_accum_steps: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+    rules: Mapping = LOGICAL_AXIS_RULES,
+) -> TrainStep:
+    """Builds the sharded init and the jitted, state-donating train step.
+
+    Args:
+      model: the policy (e.g. a :class:`~jaxpref.models.decoder.Decoder`); its parameters are the
+        default initial weights and, with ``reference="frozen"``, the reference. Only its
+        ``nnx.Param`` variables are trained; any other state is held constant.
+      objective: ``objective("sigmoid", beta=0.1)`` and the like, called with the family's
+        keyword inputs; None for ``family="sft"``.
+      optimizer: any optax transformation; wrap it in ``optax.inject_hyperparams`` to log the
+        learning rate.
+      mesh: a ``(data, fsdp, tensor)`` mesh (:func:`jaxpref.sharding.make_mesh`). Parameters and
+        optimizer state are sharded by their logical axes under ``rules``; batches by rows.
+      reference: ``"frozen"``, ``"cached"`` or ``"none"`` (see the module docstring).
+      family: ``"pairwise"``, ``"unpaired"`` or ``"sft"`` (see :mod:`jaxpref.train.batches`).
+      grad_accum_steps: microbatches per batch; it must divide the rows and the examples.
+      chunk_size, vocab_chunk_size: LM-head chunking of
+        :func:`~jaxpref.models.logprobs.sequence_logps`.
+    """
+    check_family(family)
+    if reference not in REFERENCES:
+        raise ValueError(f"`reference`={reference!r} must be one of {REFERENCES}.")
+    if family == "sft" and (objective is not None or reference != "none"):
+        raise ValueError(
+            "`family`='sft' trains on the token-mean NLL without a reference: pass `objective`=None "
+            "and `reference`='none'."
+        )
+    if family != "sft" and not isinstance(objective, Objective):
+        raise ValueError(
+            f"`objective` must be an Objective (e.g. objective('sigmoid', beta=0.1)), got {objective!r}."
+        )
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"`grad_accum_steps` must be a positive int, got {grad_accum_steps!r}.")
+
+    graphdef, model_params, other_state = nnx.split(model, nnx.Param, ...)
+    lm_head = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    groups = sequence_groups(family)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def logps(params: nnx.State, microbatch: Mapping[str, Array]) -> tuple[Array, Array]:
+        """Log-prob sums and completion lengths of the microbatch's sequences, ``[sequences]`` each."""
+        return packed_logps(nnx.merge(graphdef, params, other_state), packed_batch(microbatch), **lm_head)
+
+    def reference_logps(ref_params, microbatch: Mapping[str, Array], cached_keys) -> Array | None:
+        """Reference log-prob sums of the microbatch's sequences, ``[sequences]``, or None."""
+        if reference == "frozen":
+            return logps(jax.lax.stop_gradient(ref_params), microbatch)[0]
+        if reference == "cached":
+            return jnp.concatenate([microbatch[k] for k in cached_keys])
+        return None
+
+    def objective_inputs(policy: Array, lengths: Array, ref: Array | None, microbatch, kl) -> dict:
+        if family == "pairwise":
+            chosen, rejected = jnp.split(policy, 2)
+            inputs = dict(policy_chosen_logps=chosen, policy_rejected_logps=rejected)
+            # Lengths are optional inputs: passed only to objectives that read them.
+            optional = dict(zip(("chosen_lengths", "rejected_lengths"), jnp.split(lengths, 2)))
+            if ref is not None:
+                inputs.update(zip(REFERENCE_KEYS["pairwise"], jnp.split(ref, 2)))
+        else:
+            inputs = dict(policy_logps=policy, labels=microbatch["labels"])
+            optional = {}
+            if ref is not None:
+                inputs["ref_logps"] = ref
+            if kl is not None:
+                inputs["policy_kl_logps"], inputs["ref_kl_logps"] = kl
+        read = {k: v for k, v in optional.items() if any(t.accepts_input(k) for t in objective.terms)}
+        return {**inputs, **read}
+
+    def microbatch_loss(params, ref_params, microbatch, kl):
+        """(sum of losses, (count, metric fractions)) of one microbatch; see _metric_fractions."""
+        if family == "sft":
+            model = nnx.merge(graphdef, params, other_state)
+            layout = {k: microbatch.get(k) for k in LAYOUT_FIELDS}
+            token_logps, _ = sequence_logps(
+                model, microbatch["input_ids"], microbatch["completion_mask"], **layout, **lm_head
+            )
+            counted = (microbatch["completion_mask"] != 0) & (microbatch["predictor_index"] >= 0)
+            return -token_logps.sum(), (counted.sum().astype(jnp.float32), {})
+        ref = reference_logps(ref_params, microbatch, REFERENCE_KEYS[family])
+        policy, lengths = logps(params, microbatch)
+        losses, metrics = objective(**objective_inputs(policy, lengths, ref, microbatch, kl))
+        labels = microbatch["labels"] if family == "unpaired" else None
+        count = jnp.asarray(losses.shape[0], jnp.float32)
+        return jnp.sum(losses), (count, _metric_fractions(metrics, losses.shape[0], labels))
+
+    def kl_logps(params, ref_params, kl_batch) -> tuple[Array, Array]:
+        """Policy and reference log-probs of the KL batch, ``[kl sequences]`` each, without gradient.
+
+        Run over the whole batch before the gradient pass, so KTO's KL reference point is the
+        full batch's even with gradient accumulation.
+        """
+        microbatches = split_microbatches(kl_batch, grad_accum_steps, groups=1)
+
+        def one(microbatch):
+            policy = logps(jax.lax.stop_gradient(params), microbatch)[0]
+            return policy, reference_logps(ref_params, microbatch, ("ref_logps",))
+
+        policy, ref = jax.lax.map(one, constrain_microbatches(microbatches, mesh, rules))
+        return policy.reshape(-1), None if ref is None else ref.reshape(-1)
+
+    def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+        kl_batch = sub_batch(batch, KL_PREFIX)
+        kl = kl_logps(state.params, state.ref_params, kl_batch) if kl_batch else None
+        microbatches = split_microbatches(sub_batch(batch, ""), grad_accum_steps, groups)
+        microbatches = constrain_microbatches(microbatches, mesh, rules)
+        grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+
+        def accumulate(grad_sum, microbatch):
+            (loss_sum, aux), grads = grad_fn(state.params, state.ref_params, microbatch, kl)
+            grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
+            return grad_sum, (loss_sum, *aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grad_sum, (loss_sums, counts, fractions) = jax.lax.scan(accumulate, zeros, microbatches)
+        count = counts.sum()
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        loss = loss_sums.sum() / count
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        nonfinite_count = jnp.where(finite, 0, state.nonfinite_count + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(new_params, state.params),
+            opt_state=keep_if_finite(new_opt_state, state.opt_state),
+            rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+            nonfinite_count=nonfinite_count,
+        )
+
+        metrics = {
+            "loss": loss,
+            **{
+                k: numerators.sum() / jnp.maximum(denominators.sum(), 1.0)
+                for k, (numerators, denominators) in fractions.items()
+            },
+            "grad_norm": grad_norm,
+            "num_tokens": count_tokens(batch).astype(jnp.float32),
+            "nonfinite_skipped": 1.0 - finite.astype(jnp.float32),
+            "nonfinite_consecutive": nonfinite_count.astype(jnp.float32),
+        }
+        if family == "unpaired":  # the class means are exact; their difference is recomputed from them
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        learning_rate = _learning_rate(new_opt_state)
+        if learning_rate is not None:
+            metrics["learning_rate"] = learning_rate
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    def make_state(params: nnx.State, seed: Array) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+            ref_params=params if reference == "frozen" else None,
+            nonfinite_count=jnp.zeros((), jnp.int32),
+        )
+
+    abstract_params = jax.eval_shape(lambda: model_params)
+    shardings = param_shardings(abstract_params, mesh, rules)
+    abstract_state = jax.eval_shape(make_state, abstract_params, 0)
+    state_shardings = TrainState(
+        step=replicated,
+        params=shardings,
+        opt_state=_opt_state_shardings(abstract_state.opt_state, abstract_params, shardings, mesh),
+        rng=replicated,
+        ref_params=shardings if reference == "frozen" else None,
+        nonfinite_count=replicated,
+    )
+    init_from_arrays = jax.jit(make_state, out_shardings=state_shardings)
+    init_from_fn = jax.jit(
+        lambda params_fn, seed: make_state(params_fn(), seed), static_argnums=0, out_shardings=state_shardings
+    )
+
+    def init(params, seed: int) -> TrainState:
+        if callable(params):
+            return init_from_fn(params, seed)
+        # Placed first, so arrays committed to other devices (another mesh, one device) are accepted.
+        params = jax.device_put(model_params if params is None else params, shardings)
+        return init_from_arrays(params, seed)
+
+    batch_keys, kl_batch_keys = _batch_keys(family, reference)
+    return TrainStep(
+        mesh=mesh,
+        family=family,
+        reference=reference,
+        grad_accum_steps=grad_accum_steps,
+        state_shardings=state_shardings,
+        batch_keys=batch_keys,
+        kl_batch_keys=kl_batch_keys,
+        rules=rules,
+        _init=init,
+        _step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
+    )
+
+
+def _metric_fractions(
+    metrics: Mapping[str, Any], examples: int, labels: Array | None
+) -> dict[str, tuple[Array, Array]]:
+    """Each objective metric of a microbatch as (numerator, denominator) sums.
+
+    The batch value is the sum of numerators over microbatches divided by the sum of
+    denominators: per-example ``[examples]`` metrics give (sum, examples), so their batch mean is
+    exact; batch-level scalars give (value, 1), a mean over microbatches. With ``labels``
+    (unpaired), the per-example ``rewards`` and ``logps`` also give exact class means
+    ``rewards/chosen`` (desirable), ``rewards/rejected``, ``logps/chosen`` and ``logps/rejected``;
+    per-microbatch class counts are dropped.
+    """
+    fractions = {}
+    for key, value in metrics.items():
+        if not isinstance(value, jax.Array) or key.startswith("count/"):
+            continue
+        if value.shape == (examples,):
+            fractions[key] = (jnp.sum(value), jnp.asarray(examples, jnp.float32))
+        elif value.shape == ():
+            fractions[key] = (value, jnp.ones((), jnp.float32))
+    if labels is not None:
+        desirable = (labels > 0.5).astype(jnp.float32)
+        for side, weights in (("chosen", desirable), ("rejected", 1.0 - desirable)):
+            for name in ("rewards", "logps"):
+                fractions[f"{name}/{side}"] = (jnp.sum(metrics[name] * weights), jnp.sum(weights))
+    return fractions
