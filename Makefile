@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python experiments/objective_demo.py
+	$(BIN)/python -m experiments.demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

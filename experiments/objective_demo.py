@@ -196,7 +196,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         )
     print(f"{'(best response)':<22} {best_possible:>13.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(config), **results}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"config": dataclasses.asdict(config), **results}, indent=2)
+    )
     print(f"wrote {args.out / 'results.json'}")
     return results
 

@@ -32,6 +32,9 @@ bucket ``L`` (row length) it falls in. The :class:`~jaxpref.models.packing.Packe
   of row ``sequence_rows[i]`` with segment id ``sequence_segments[i]``, and
   ``PackedBatch.sequence_sums`` sums per-token values per sequence.
 
+Every batch also has ``"example_index"`` ``[B]`` int64, each example's row number in the prepared
+dataset (stable across shuffles; cached reference log-probs are keyed by it).
+
 Sequences, rows and extra keys by layout:
 
 - pairwise, prefix-shared (default): ``rows = B``, one ``prompt | chosen | rejected`` row per pair

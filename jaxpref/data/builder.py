@@ -47,7 +47,7 @@ from jaxpref.data.tokenize import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"  # bump when the stored features or their meaning change
+FORMAT_VERSION = "2"  # bump when the stored features or their meaning change
 SPLIT = "train"  # each prepared file set is one split; prepare eval files separately
 
 
@@ -93,6 +93,8 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
             "response_lengths": ids(),
             "prompt": tfds.features.Text(),
             "source": tfds.features.Text(),
+            # Stable identity of a row (records are stored in hashed order): keys cached reference log-probs.
+            "example_index": tfds.features.Scalar(dtype=np.int64),
         }
         layout = self.builder_config.layout
         if layout == "unpaired":
@@ -121,12 +123,14 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
         stats = _LengthStats()
         for index, row in enumerate(tokenize_rows(rows, tokenizer, report, config.options)):
             stats.add(row)
-            yield f"{index:012d}", _example(row, config.layout)
+            yield f"{index:012d}", _example(row, config.layout, index)
         report.log()
         if not report.rows_kept:
             raise ValueError(f"No usable rows in `files`; fix them or the `layout`/`field_map`.\n{report}")
         pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self.info.metadata.update(
+            # The config name hashes the files' contents, the tokenizer and the options.
+            fingerprint=config.name,
             layout=config.layout,
             pad_id=int(pad_id),
             max_length=config.options.max_length,
@@ -135,8 +139,9 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
         )
 
 
-def _example(row: TokenizedRow, layout: str) -> dict[str, Any]:
+def _example(row: TokenizedRow, layout: str, index: int) -> dict[str, Any]:
     example = {
+        "example_index": index,
         "prompt_ids": row.prompt_ids,
         "response_ids": np.concatenate(row.response_ids),
         "response_lengths": np.array([len(ids) for ids in row.response_ids], np.int32),

@@ -195,8 +195,11 @@ class _Collate:
 
     def __call__(self, records: Sequence[Record]) -> Batch:
         if self.layout == "pairwise":
-            return self.pairwise_shared(records) if self.shared else self.pairwise(records)
-        return {"sft": self.sft, "unpaired": self.unpaired, "ranked": self.ranked}[self.layout](records)
+            batch = self.pairwise_shared(records) if self.shared else self.pairwise(records)
+        else:
+            batch = {"sft": self.sft, "unpaired": self.unpaired, "ranked": self.ranked}[self.layout](records)
+        batch["example_index"] = np.array([record["example_index"] for record in records], np.int64)
+        return batch
 
     def pack(self, sequences: list[tuple[np.ndarray, np.ndarray]], prefix: str = "") -> Batch:
         """One segment per (prompt, response) sequence, its completion mask on the response."""

@@ -1,8 +1,8 @@
 """Orbax checkpoints of a training run: the TrainState and the data iterator's position.
 
 A checkpoint holds two items: ``state`` (step, params, optimizer state, rng, reference params,
-non-finite counter: the whole :class:`~jaxpref.train.step.TrainState`) and ``data`` (the JSON dict
-of the data iterator's ``get_state()``). Saves are asynchronous: :func:`save_checkpoint` returns
+non-finite counter: the whole :class:`~jaxpref.train.step.TrainState`) and ``data`` (the data
+iterator's ``get_state()``: a JSON dict, or grain's UTF-8 bytes, stored as a string). Saves are asynchronous: :func:`save_checkpoint` returns
 once the arrays are copied off the devices, and the files are written in the background. The
 manager keeps the last ``max_to_keep`` checkpoints and saves every ``save_interval_steps``.
 
@@ -61,7 +61,7 @@ def save_checkpoint(
     """
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+        data=ocp.args.JsonSave(_to_json(data_state)),
     )
     return manager.save(step, args=args, force=force)
 
@@ -81,4 +81,22 @@ def restore_checkpoint(
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
     )
-    return restored.state, restored.data
+    return restored.state, _from_json(restored.data)
+
+
+# grain's iterators describe their position as bytes (UTF-8 JSON); simple iterators use dicts.
+_BYTES_KEY = "__bytes_utf8__"
+
+
+def _to_json(data_state: dict[str, Any] | bytes | None) -> dict[str, Any]:
+    if data_state is None:
+        return {}
+    if isinstance(data_state, bytes):
+        return {_BYTES_KEY: data_state.decode("utf-8")}
+    return data_state
+
+
+def _from_json(saved: dict[str, Any]) -> dict[str, Any] | bytes:
+    if set(saved) == {_BYTES_KEY}:
+        return saved[_BYTES_KEY].encode("utf-8")
+    return saved

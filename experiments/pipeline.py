@@ -1,0 +1,238 @@
+"""Building blocks every experiment shares: mesh, tokenizer, policy, optimizer, one training run,
+and batched sampling. Each is a small function of a config, so notebooks can use them piecemeal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from experiments.configs import MeshConfig, ModelConfig, OptimizerConfig, RunConfig
+from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
+from jaxpref.data.loader import dataset_metadata
+from jaxpref.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
+from jaxpref.models.sampling import SamplingConfig, generate
+from jaxpref.objectives import objective
+from jaxpref.overrides import to_dict
+from jaxpref.sharding import make_mesh
+from jaxpref.train.checkpoint import make_checkpoint_manager
+from jaxpref.train.loop import train
+from jaxpref.train.metrics import MetricsWriter
+from jaxpref.train.reference import ReferenceLogps, cached_reference_logps
+from jaxpref.train.step import build_step
+
+logger = logging.getLogger(__name__)
+
+# Row layout of the data -> train-step family.
+FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
+
+
+def build_mesh(config: MeshConfig) -> Mesh:
+    return make_mesh(config.data, config.fsdp, config.tensor)
+
+
+def build_policy(config: ModelConfig, tokenizer, mesh: Mesh | None = None) -> Decoder:
+    """The policy from a local Hugging Face checkpoint, or a fresh tiny decoder for the tokenizer."""
+    dtype = jnp.dtype(config.dtype)
+    compute_dtype = jnp.dtype(config.compute_dtype or config.dtype)
+    if config.checkpoint is not None:
+        return from_pretrained(
+            config.checkpoint, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=config.remat
+        )
+    decoder_config = DecoderConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        param_dtype=dtype,
+        dtype=compute_dtype,
+        remat=config.remat,
+    )
+    return Decoder(decoder_config, rngs=nnx.Rngs(config.seed))
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(total_steps, config.warmup_steps + 1),
+        end_value=0.1 * config.learning_rate,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=config.weight_decay),
+    )
+
+
+class _WithReference:
+    """A data iterator whose batches get their cached reference log-probs attached."""
+
+    def __init__(self, iterator, reference: ReferenceLogps):
+        self.iterator, self.reference = iterator, reference
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.reference.attach(next(self.iterator))
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
+def train_run(config: RunConfig, model: nnx.Module, tokenizer, mesh: Mesh) -> nnx.Module:
+    """Prepares the data, trains ``model`` in place, and writes the run folder.
+
+    ``runs/<name>/`` gets ``config.json`` (resolved), ``data/`` (the prepared dataset and its bad-row
+    report), ``checkpoints/`` (orbax; an interrupted run resumes from the latest), ``metrics/``
+    (JSONL, TensorBoard, ``curves.png``) and ``hf/`` (the trained weights in Hugging Face layout).
+    """
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    family = FAMILIES.get(config.data.layout)
+    if family is None:
+        raise ValueError(
+            f"`data.layout`={config.data.layout!r} cannot be trained here; use one of {sorted(FAMILIES)}."
+        )
+    if not config.data.train_files:
+        raise ValueError("`data.train_files` is empty: pass local JSONL or Parquet files.")
+    options = TokenizeOptions(
+        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+    )
+    source, report = prepare_dataset(
+        list(config.data.train_files), config.data.layout, run_dir / "data", tokenizer, options=options
+    )
+    print(report)
+    reference = "none" if family == "sft" else config.train.reference
+    loss = None if family == "sft" else objective(config.objective.name, **config.objective.hparams)
+    step = build_step(
+        model,
+        loss,
+        make_optimizer(config.optimizer, config.train.steps),
+        mesh,
+        reference=reference,
+        family=family,
+        grad_accum_steps=config.train.grad_accum_steps,
+        chunk_size=config.train.chunk_size,
+    )
+    loader_options = dict(prefix_sharing=config.data.prefix_sharing)
+    iterator = iter(
+        make_loader(source, config.data.batch_size, seed=config.data.seed, num_epochs=None, **loader_options)
+    )
+    if reference == "cached":
+        # One pass in dataset order, every row once (the last, partial batch included).
+        batches = lambda: iter(  # noqa: E731
+            make_loader(source, config.data.batch_size, shuffle=False, drop_remainder=False, **loader_options)
+        )
+        logps, _ = cached_reference_logps(
+            run_dir / "reference_cache",
+            model,
+            batches,
+            family=family,
+            dataset_fingerprint=dataset_metadata(source)["fingerprint"],
+            mesh=mesh,
+            chunk_size=config.train.chunk_size,
+        )
+        iterator = _WithReference(iterator, logps)
+    manager = make_checkpoint_manager(
+        run_dir / "checkpoints",
+        max_to_keep=config.train.keep_checkpoints,
+        save_interval_steps=config.train.checkpoint_every,
+    )
+    with MetricsWriter(run_dir / "metrics") as writer:
+        state = train(
+            step.init(),
+            step,
+            iterator,
+            num_steps=config.train.steps,
+            checkpoint_manager=manager,
+            metrics_writer=writer,
+            max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
+            progress=config.train.progress,
+        )
+    manager.wait_until_finished()
+    manager.close()
+    nnx.update(model, state.params)
+    save_pretrained(model, run_dir / "hf")
+    tokenizer.save_pretrained(run_dir / "hf")
+    return model
+
+
+def sample_completions(
+    model: nnx.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+) -> list[str]:
+    """One sampled completion per prompt (decoded, special tokens removed), in fixed-shape batches
+    so the sampler compiles once."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_length = max(map(len, encoded))
+    config = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    completions = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        ids = np.full((batch_size, prompt_length), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((batch_size, prompt_length), np.int32)
+        for i, tokens in enumerate(chunk + [chunk[-1]] * (batch_size - len(chunk))):  # pad the batch
+            ids[i, prompt_length - len(tokens) :] = tokens  # left padding
+            mask[i, prompt_length - len(tokens) :] = 1
+        out = generate(model, ids, mask, jax.random.fold_in(rng, start), config)
+        tokens = np.asarray(out["tokens"])
+        lengths = np.asarray(out["lengths"])
+        completions += [
+            tokenizer.decode(tokens[i, : lengths[i]], skip_special_tokens=True) for i in range(len(chunk))
+        ]
+    return completions
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[Mapping[str, float]]:
+    lines = (run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def replace_run(config: RunConfig, **changes) -> RunConfig:
+    """``dataclasses.replace`` that also reaches into ``data`` and ``train`` (``data__train_files=...``)."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat = {}
+    for key, value in changes.items():
+        section, sep, field = key.partition("__")
+        if sep:
+            nested.setdefault(section, {})[field] = value
+        else:
+            flat[key] = value
+    for section, fields in nested.items():
+        flat[section] = dataclasses.replace(getattr(config, section), **fields)
+    return dataclasses.replace(config, **flat)
