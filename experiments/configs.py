@@ -19,7 +19,8 @@ class ModelConfig:
     # A local Hugging Face folder (config.json + safetensors); None builds a fresh tiny Llama-style
     # decoder with the sizes below and the tokenizer's vocabulary.
     checkpoint: str | None = None
-    tokenizer: str = CHAR_TOKENIZER  # local tokenizer folder
+    # A local tokenizer folder; None: the checkpoint's folder, or the bundled character tokenizer.
+    tokenizer: str | None = None
     hidden_size: int = 64
     intermediate_size: int = 192
     num_layers: int = 2
@@ -93,6 +94,17 @@ class RunConfig:
     @property
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.runs_dir) / self.name
+
+
+# The starting configs of the CLI's training subcommands (`jaxpref sft|dpo|kto|reward`).
+SUBCOMMAND_CONFIGS = {
+    "sft": RunConfig(name="sft", data=DataConfig(layout="sft"), train=TrainConfig(reference="none")),
+    "dpo": RunConfig(name="dpo"),
+    "kto": RunConfig(name="kto", data=DataConfig(layout="unpaired"), objective=ObjectiveConfig("kto")),
+    "reward": RunConfig(
+        name="reward", objective=ObjectiveConfig("bradley_terry"), train=TrainConfig(reference="none")
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)

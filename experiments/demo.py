@@ -24,8 +24,15 @@ import jax
 import numpy as np
 
 from experiments.configs import DemoConfig
-from experiments.pipeline import build_mesh, build_policy, replace_run, sample_completions, train_run
-from jaxpref.data import TokenizeOptions, load_tokenizer, make_loader, prepare_dataset
+from experiments.pipeline import (
+    build_mesh,
+    build_policy,
+    build_tokenizer,
+    replace_run,
+    sample_completions,
+    train_run,
+)
+from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
 from jaxpref.data.synthetic import SortingTask, hidden_reward, prompts, sft_rows, write_jsonl
 from jaxpref.models import from_pretrained
 from jaxpref.overrides import apply_overrides, to_dict
@@ -95,7 +102,7 @@ def evaluate(sft_model, dpo_model, tokenizer, eval_prompts, rng, samples, max_ne
 
 def run_demo(config: DemoConfig) -> dict[str, float]:
     mesh = build_mesh(config.sft.mesh)
-    tokenizer = load_tokenizer(config.model.tokenizer)
+    tokenizer = build_tokenizer(config.model)
     run_dir = pathlib.Path(config.runs_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))

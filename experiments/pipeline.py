@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from experiments.configs import MeshConfig, ModelConfig, OptimizerConfig, RunConfig
-from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
+from experiments.configs import CHAR_TOKENIZER, MeshConfig, ModelConfig, OptimizerConfig, RunConfig
+from jaxpref.data import TokenizeOptions, load_tokenizer, make_loader, prepare_dataset
 from jaxpref.data.loader import dataset_metadata
 from jaxpref.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
 from jaxpref.models.sampling import SamplingConfig, generate
@@ -40,6 +40,11 @@ FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
 
 def build_mesh(config: MeshConfig) -> Mesh:
     return make_mesh(config.data, config.fsdp, config.tensor)
+
+
+def build_tokenizer(config: ModelConfig):
+    """The configured tokenizer, else the checkpoint's, else the bundled character tokenizer."""
+    return load_tokenizer(config.tokenizer or config.checkpoint or CHAR_TOKENIZER)
 
 
 def build_policy(config: ModelConfig, tokenizer, mesh: Mesh | None = None) -> Decoder:

@@ -28,12 +28,13 @@ any sequences.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpref.models.logprobs import sequence_logps
@@ -153,10 +154,55 @@ def batch_sharding(
     return logical_sharding(mesh, axes, shape, rules)
 
 
+def merge_host_batches(batches: Sequence[Mapping[str, np.ndarray]], family: str) -> dict[str, np.ndarray]:
+    """The global batch of a multi-host step from every host's local batch, in host order.
+
+    Rows and per-example arrays are concatenated. Sequence arrays are regrouped so that each group
+    stays contiguous (all hosts' chosen sequences, then all their rejected ones), and row indices
+    are offset by the rows of the hosts before: the result is laid out exactly as if one host had
+    loaded all the examples.
+    """
+    groups = sequence_groups(family)
+    merged = {}
+    for key, first in batches[0].items():
+        if first is None:
+            merged[key] = None
+            continue
+        prefix = KL_PREFIX if key.startswith(KL_PREFIX) else ""
+        name = key[len(prefix) :]
+        values = [np.asarray(batch[key]) for batch in batches]
+        if name not in SEQUENCE_FIELDS:
+            merged[key] = np.concatenate(values)
+            continue
+        if name == "sequence_rows":
+            offsets = np.cumsum([0] + [len(batch[prefix + "input_ids"]) for batch in batches[:-1]])
+            values = [v + offset for v, offset in zip(values, offsets, strict=True)]
+        per_group = 1 if prefix else groups  # a KL batch has one sequence per example
+        merged[key] = np.concatenate([v.reshape(per_group, -1) for v in values], axis=1).reshape(-1)
+    return merged
+
+
 def shard_batch(
-    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES
+    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES, family: str = "pairwise"
 ) -> dict[str, Array]:
-    """Places every array of ``batch`` on ``mesh``, split by rows (or examples) over data and fsdp."""
+    """Places every array of ``batch`` on ``mesh``, split by rows (or examples) over data and fsdp.
+
+    With several processes (``jax.distributed.initialize()``), ``batch`` is this host's share (the
+    loaders shard by ``jax.process_index()``): the hosts exchange their batches (token ids and
+    indices, small next to activations), merge them with :func:`merge_host_batches` and each places
+    only the slices its own devices hold.
+    """
+    if jax.process_count() > 1:
+        present = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+        gathered = multihost_utils.process_allgather(present)  # each [processes, ...]
+        hosts = [{k: v[i] for k, v in gathered.items()} for i in range(jax.process_count())]
+        global_batch = merge_host_batches(hosts, family)
+        return {
+            key: jax.make_array_from_callback(
+                value.shape, batch_sharding(mesh, value.shape, rules), lambda index, v=value: v[index]
+            )
+            for key, value in global_batch.items()
+        }
     return {
         key: jax.device_put(value, batch_sharding(mesh, np.shape(value), rules))
         for key, value in batch.items()

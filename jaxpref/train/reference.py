@@ -178,7 +178,7 @@ def compute_reference_logps(
         inputs = {
             k: batch[k] for k in (*fields, *(KL_PREFIX + f for f in fields)) if batch.get(k) is not None
         }
-        batch_on_mesh = shard_batch(inputs, mesh, rules)
+        batch_on_mesh = shard_batch(inputs, mesh, rules, family)
         outputs = _forward(graphdef, params, other_state, batch_on_mesh, family, chunk_size, vocab_chunk_size)
         outputs = jax.device_get(outputs)
         for key, values in outputs.items():

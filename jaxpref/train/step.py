@@ -160,7 +160,7 @@ class TrainStep:
         ]
         used = {k: batch[k] for k in (*keys, *optional)}
         check_microbatches(used, self.grad_accum_steps, self.family)
-        return shard_batch(used, self.mesh, self.rules)
+        return shard_batch(used, self.mesh, self.rules, self.family)
 
     def __call__(self, state: TrainState, batch: Mapping[str, np.ndarray]) -> tuple[TrainState, dict]:
         """One update; ``state``'s buffers are donated (reuse the returned state only)."""

@@ -1,0 +1,82 @@
+"""The `jaxpref` console script: subcommands, --set overrides, run folders."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxpref.cli import main
+from jaxpref.data.synthetic import SortingTask, sft_rows, write_jsonl
+from jaxpref.overrides import apply_overrides
+from experiments.configs import SUBCOMMAND_CONFIGS
+
+TINY = [
+    "--steps=3",
+    "--set=data.batch_size=8",
+    "--set=data.max_length=32",
+    "--set=train.progress=false",
+    "--set=train.checkpoint_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = sft_rows(SortingTask(corruption_rate=0.0), 64, seed=0)
+    rng = np.random.default_rng(0)
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"][::-1] + "0"}
+        for r in rows
+    ]
+    unpaired = [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+        if rng.random() < 0.5 or side == "chosen"
+    ]
+    return {
+        "sft": write_jsonl(folder / "sft.jsonl", rows),
+        "dpo": write_jsonl(folder / "pairs.jsonl", pairs),
+        "kto": write_jsonl(folder / "unpaired.jsonl", unpaired),
+    }
+
+
+@pytest.mark.parametrize(
+    "command,extra", [("sft", []), ("dpo", ["--objective=ipo", "--set=objective.beta=0.5"]), ("kto", [])]
+)
+def test_training_subcommands_write_their_run(command, extra, files, tmp_path, capsys):
+    argv = [command, f"--data={files[command]}", f"--set=runs_dir={tmp_path}", *TINY, *extra]
+    assert main(argv) == 0
+    run_dir = tmp_path / command
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["steps"] == 3
+    if command == "dpo":
+        assert config["objective"] == {"name": "ipo", "hparams": {"beta": 0.5}}
+    lines = (run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (run_dir / "hf" / "config.json").exists() and (run_dir / "metrics" / "curves.png").exists()
+    assert f"{command} finished" in capsys.readouterr().out
+    # Rerunning the same command resumes from the last checkpoint: nothing left to train.
+    assert main(argv) == 0
+    assert len((run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_overrides_are_typed_and_checked():
+    config = apply_overrides(
+        SUBCOMMAND_CONFIGS["dpo"],
+        ["objective.beta=0.2", "train.steps=7", "data.prefix_sharing=false", "model.checkpoint=none"],
+    )
+    assert config.objective.hparams == {"beta": 0.2} and config.train.steps == 7
+    assert config.data.prefix_sharing is False and config.model.checkpoint is None
+    with pytest.raises(ValueError, match="train.stepz"):
+        apply_overrides(config, ["train.stepz=1"])
+    with pytest.raises(ValueError, match="train.steps"):
+        apply_overrides(config, ["train.steps=many"])
+    with pytest.raises(ValueError, match="field.subfield=value"):
+        apply_overrides(config, ["train.steps"])
+
+
+def test_unknown_objective_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["dpo", "--objective=nope"])
+    assert "invalid choice" in capsys.readouterr().err
