@@ -29,3 +29,11 @@ def test_readme_composition_example_runs():
     losses, metrics = namespace["losses"], namespace["metrics"]
     assert losses.shape == (2,)
     assert jnp.allclose(losses, metrics["loss/sigmoid"] + 0.2 * metrics["loss/sft"])
+
+
+def test_readme_notebook_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    notebook = next(b for b in blocks if b.startswith("# notebook example"))
+    namespace = {}
+    exec(notebook, namespace)
+    assert jnp.isfinite(namespace["metrics"]["loss"])

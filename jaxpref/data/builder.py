@@ -218,6 +218,8 @@ def prepare_dataset(
         logger.info("Reusing prepared data at %s", builder.data_dir)
         report.log()
     else:
+        # TFDS's download/shuffle progress bars say nothing about local files; our report does.
+        tfds.display_progress_bar(False)
         builder.download_and_prepare()
         report = PreparationReport.from_dict(builder.info.metadata["report"])
     return builder.as_data_source()[SPLIT], report
