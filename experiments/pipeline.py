@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Row layout of the data -> train-step family.
 FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
+# Train-step family -> the row layout it reads: each layout's own, and reward models on pairs.
+FAMILY_LAYOUTS = {**{family: layout for layout, family in FAMILIES.items()}, "reward": "pairwise"}
 
 
 def build_mesh(config: MeshConfig) -> Mesh:
@@ -47,13 +49,25 @@ def build_tokenizer(config: ModelConfig):
     return load_tokenizer(config.tokenizer or config.checkpoint or CHAR_TOKENIZER)
 
 
-def build_policy(config: ModelConfig, tokenizer, mesh: Mesh | None = None) -> Decoder:
-    """The policy from a local Hugging Face checkpoint, or a fresh tiny decoder for the tokenizer."""
+def build_policy(
+    config: ModelConfig, tokenizer, mesh: Mesh | None = None, *, model_class: type[nnx.Module] = Decoder
+) -> nnx.Module:
+    """The policy from a local Hugging Face checkpoint, or a fresh tiny decoder for the tokenizer.
+
+    ``model_class`` builds another model on the same backbone, e.g. a
+    :class:`~jaxpref.models.heads.RewardModel` (a causal-LM checkpoint gives it its backbone, and its
+    head starts fresh).
+    """
     dtype = jnp.dtype(config.dtype)
     compute_dtype = jnp.dtype(config.compute_dtype or config.dtype)
     if config.checkpoint is not None:
         return from_pretrained(
-            config.checkpoint, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=config.remat
+            config.checkpoint,
+            dtype=dtype,
+            compute_dtype=compute_dtype,
+            mesh=mesh,
+            model_class=model_class,
+            remat=config.remat,
         )
     decoder_config = DecoderConfig(
         vocab_size=len(tokenizer),
@@ -70,7 +84,7 @@ def build_policy(config: ModelConfig, tokenizer, mesh: Mesh | None = None) -> De
         dtype=compute_dtype,
         remat=config.remat,
     )
-    return Decoder(decoder_config, rngs=nnx.Rngs(config.seed))
+    return model_class(decoder_config, rngs=nnx.Rngs(config.seed))
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -107,8 +121,48 @@ class _WithReference:
         self.iterator.set_state(state)
 
 
-def train_run(config: RunConfig, model: nnx.Module, tokenizer, mesh: Mesh) -> nnx.Module:
+def prepare_train_data(config: RunConfig, tokenizer):
+    """``(data source, report)`` of the run's training files, stored under ``runs/<name>/data``.
+
+    Preparing the same files again reuses the stored dataset.
+    """
+    if not config.data.train_files:
+        raise ValueError("`data.train_files` is empty: pass local JSONL or Parquet files.")
+    options = TokenizeOptions(
+        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
+    )
+    return prepare_dataset(
+        list(config.data.train_files), config.data.layout, config.run_dir / "data", tokenizer, options=options
+    )
+
+
+def _run_family(config: RunConfig, family: str | None) -> str:
+    """The train-step family: ``family``, checked against the data layout, or the layout's own."""
+    layout = config.data.layout
+    if family is None:
+        if layout not in FAMILIES:
+            raise ValueError(
+                f"`data.layout`={layout!r} cannot be trained here; use one of {sorted(FAMILIES)}."
+            )
+        return FAMILIES[layout]
+    if family not in FAMILY_LAYOUTS:
+        raise ValueError(f"`family`={family!r} must be one of {sorted(FAMILY_LAYOUTS)}.")
+    if FAMILY_LAYOUTS[family] != layout:
+        raise ValueError(
+            f"`family`={family!r} trains on {FAMILY_LAYOUTS[family]!r} rows, but `data.layout`={layout!r}."
+        )
+    return family
+
+
+def train_run(
+    config: RunConfig, model: nnx.Module, tokenizer, mesh: Mesh, *, family: str | None = None
+) -> nnx.Module:
     """Prepares the data, trains ``model`` in place, and writes the run folder.
+
+    ``family`` is the train-step family (:func:`~jaxpref.train.step.build_step`); by default the
+    data layout's own (``sft``, ``pairwise``, ``unpaired``). ``"reward"`` trains a
+    :class:`~jaxpref.models.heads.RewardModel` on pairwise data. SFT and reward runs have no
+    reference, whatever ``train.reference`` says.
 
     ``runs/<name>/`` gets ``config.json`` (resolved), ``data/`` (the prepared dataset and its bad-row
     report), ``checkpoints/`` (orbax; an interrupted run resumes from the latest), ``metrics/``
@@ -117,21 +171,10 @@ def train_run(config: RunConfig, model: nnx.Module, tokenizer, mesh: Mesh) -> nn
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    family = FAMILIES.get(config.data.layout)
-    if family is None:
-        raise ValueError(
-            f"`data.layout`={config.data.layout!r} cannot be trained here; use one of {sorted(FAMILIES)}."
-        )
-    if not config.data.train_files:
-        raise ValueError("`data.train_files` is empty: pass local JSONL or Parquet files.")
-    options = TokenizeOptions(
-        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
-    )
-    source, report = prepare_dataset(
-        list(config.data.train_files), config.data.layout, run_dir / "data", tokenizer, options=options
-    )
+    family = _run_family(config, family)
+    source, report = prepare_train_data(config, tokenizer)
     print(report)
-    reference = "none" if family == "sft" else config.train.reference
+    reference = "none" if family in ("sft", "reward") else config.train.reference
     loss = None if family == "sft" else objective(config.objective.name, **config.objective.hparams)
     step = build_step(
         model,

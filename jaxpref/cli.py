@@ -25,7 +25,7 @@ _TRAINING = ("sft", "dpo", "kto", "reward")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from jaxpref.objectives import PAIRWISE, UNPAIRED
+    from jaxpref.objectives import PAIRWISE, REWARD, UNPAIRED
 
     parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)",
     )
     commands.add_parser("demo", parents=[common], help="the bundled end-to-end pipeline (make demo)")
-    objectives = {"dpo": sorted(PAIRWISE), "kto": sorted(UNPAIRED)}
+    objectives = {"dpo": sorted(PAIRWISE), "kto": sorted(UNPAIRED), "reward": sorted(REWARD)}
     for name in _TRAINING:
         sub = commands.add_parser(name, parents=[common], help=f"train with {name}")
         sub.add_argument("--data", nargs="+", help="local JSONL or Parquet files (data.train_files)")

@@ -59,14 +59,18 @@ def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
     name = path[0]
     extra = getattr(node, "__extra_field__", None)
     if name not in fields and extra is not None and len(path) == 1:
-        return dataclasses.replace(node, **{extra: {**getattr(node, extra), name: _parse(text, Any, full_key)}})
+        return dataclasses.replace(
+            node, **{extra: {**getattr(node, extra), name: _parse(text, Any, full_key)}}
+        )
     if name not in fields:
         raise ValueError(f"Unknown config key `{full_key}`; `{name}` is not one of {sorted(fields)}.")
     current = getattr(node, name)
     if len(path) > 1:
         value = _set(current, path[1:], text, full_key)
     elif isinstance(current, dict) or dataclasses.is_dataclass(current):
-        raise ValueError(f"`{full_key}` is a group of settings; set one of its fields, e.g. `{full_key}.<field>=...`.")
+        raise ValueError(
+            f"`{full_key}` is a group of settings; set one of its fields, e.g. `{full_key}.<field>=...`."
+        )
     else:
         hints = typing.get_type_hints(type(node))
         value = _parse(text, hints.get(name, Any), full_key)

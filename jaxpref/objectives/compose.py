@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from jaxpref.objectives.common import Array
 from jaxpref.objectives.pairwise import _ARRAY_OPTIONS, PAIRWISE, pairwise_loss
+from jaxpref.objectives.reward import REWARD, reward_loss
 from jaxpref.objectives.unpaired import MULTI_RESPONSE, UNPAIRED, multi_response_loss, unpaired_loss
 
 
@@ -59,6 +60,7 @@ _FAMILIES = (
     (PAIRWISE, pairwise_loss, _named_inputs(pairwise_loss) | frozenset(_ARRAY_OPTIONS)),
     (UNPAIRED, unpaired_loss, _named_inputs(unpaired_loss)),
     (MULTI_RESPONSE, multi_response_loss, _named_inputs(multi_response_loss)),
+    (REWARD, reward_loss, _named_inputs(reward_loss)),
 )
 
 
@@ -161,7 +163,7 @@ def _unique_names(terms: Sequence[Term]) -> list[str]:
 
 
 def objective(name: str, **hparams) -> Objective:
-    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED`` or ``MULTI_RESPONSE``)."""
+    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE`` or ``REWARD``)."""
     for registry, loss_fn, inputs in _FAMILIES:
         if name in registry:
             spec = registry[name]
@@ -169,7 +171,7 @@ def objective(name: str, **hparams) -> Objective:
             fn = functools.partial(loss_fn, name)
             term = Term(1.0, name, fn, dict(hparams), inputs, frozenset(spec.defaults))
             return Objective((term,))
-    known = sorted(set(PAIRWISE) | set(UNPAIRED) | set(MULTI_RESPONSE))
+    known = sorted(known_name for registry, _, _ in _FAMILIES for known_name in registry)
     raise ValueError(f"Unknown objective `name`={name!r}; known names: {known}.")
 
 

@@ -16,14 +16,18 @@ A batch is a dict of NumPy arrays with fixed shapes (so the step compiles once):
   KL sequence ``j`` built from example ``j``.
 - **sft**: the row arrays of a PackedBatch (the sequence fields are not needed); the loss is the
   token-mean NLL of the completion tokens.
+- **reward** (reward models): pairs laid out as for pairwise; each sequence's reward is read at
+  its own last token (:func:`packed_rewards`), so a prefix-shared row scores its chosen and its
+  rejected response separately. Optional per-pair ``[B]`` arrays ``margin`` and
+  ``target_probability`` go to objectives that read them (:mod:`jaxpref.objectives.reward`).
 
 Gradient accumulation over ``A`` microbatches splits rows and examples *strided*: microbatch
 ``k`` holds rows ``k, k + A, ...`` and examples ``k, k + A, ...``, so a batch sharded by rows over
 the devices gives every microbatch an equal share of every device's rows (no resharding). For
-pairwise and unpaired data every sequence of example ``i`` must therefore lie in a row ``r`` with
-``r % A == i % A`` (one row per pair, as ``prefix_shared_pairs`` builds, always satisfies this);
-:func:`check_microbatches` verifies it on the host. SFT losses are token sums, so SFT rows may hold
-any sequences.
+pairwise, reward and unpaired data every sequence of example ``i`` must therefore lie in a row
+``r`` with ``r % A == i % A`` (one row per pair, as ``prefix_shared_pairs`` builds, always satisfies
+this); :func:`check_microbatches` verifies it on the host. SFT losses are token sums, so SFT rows
+may hold any sequences.
 """
 
 from __future__ import annotations
@@ -37,19 +41,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from jaxpref.models.heads import RewardModel
 from jaxpref.models.logprobs import sequence_logps
 from jaxpref.models.packing import PackedBatch
 from jaxpref.sharding import LOGICAL_AXIS_RULES, logical_sharding
 
 Array = jax.Array
 
-FAMILIES = ("pairwise", "unpaired", "sft")
+FAMILIES = ("pairwise", "unpaired", "sft", "reward")
 KL_PREFIX = "kl_"
 LAYOUT_FIELDS = ("positions", "segment_ids", "prefix_segment_ids", "predictor_index")  # sequence_logps kwargs
 ROW_FIELDS = ("input_ids", "completion_mask", *LAYOUT_FIELDS)
 SEQUENCE_FIELDS = ("sequence_rows", "sequence_segments")
 # Reference log-prob keys of each family, in sequence order (chosen before rejected).
 REFERENCE_KEYS = {"pairwise": ("ref_chosen_logps", "ref_rejected_logps"), "unpaired": ("ref_logps",)}
+# Per-example arrays a batch may carry for a family's objective, passed on under the same names.
+OPTIONAL_KEYS = {"reward": ("margin", "target_probability")}
 
 
 def check_family(family: str) -> None:
@@ -59,7 +66,7 @@ def check_family(family: str) -> None:
 
 def sequence_groups(family: str) -> int:
     """How many sequences each example has: 2 for pairs (chosen, rejected), else 1."""
-    return 2 if family == "pairwise" else 1
+    return 2 if family in ("pairwise", "reward") else 1
 
 
 def sub_batch(batch: Mapping[str, Array], prefix: str) -> dict[str, Array]:
@@ -83,6 +90,38 @@ def packed_logps(model: nnx.Module, packed: PackedBatch, **lm_head_options) -> t
         model, packed.input_ids, packed.completion_mask, **packed.layout(), **lm_head_options
     )
     return packed.sequence_sums(token_logps), packed.sequence_sums(packed.completion_mask)
+
+
+def sequence_last_index(
+    segment_ids: Array,  # [rows, row_length]
+    sequence_rows: Array,  # [num_sequences]
+    sequence_segments: Array,  # [num_sequences]
+) -> Array:  # [num_sequences]
+    """Position in its row of each sequence's last token.
+
+    Per segment, not per row: in a prefix-shared row ``prompt | chosen | rejected`` the chosen
+    response ends before the rejected one starts. A sequence needs at least one token of its own.
+    """
+    in_sequence = segment_ids[sequence_rows] == sequence_segments[:, None]  # [num_sequences, row_length]
+    return in_sequence.shape[-1] - 1 - jnp.argmax(in_sequence[:, ::-1], axis=-1)
+
+
+def packed_rewards(model: RewardModel, packed: PackedBatch) -> Array:
+    """Scalar reward of every sequence, ``[sequences]`` float32.
+
+    The score head reads the final hidden state of each sequence's last token, as
+    :meth:`RewardModel.__call__` does for a row holding that sequence alone: segments and prefix
+    segments give every token the attention and positions it would have there.
+    """
+    hidden = model.model(
+        packed.input_ids,
+        positions=packed.positions,
+        segment_ids=packed.segment_ids,
+        prefix_segment_ids=packed.prefix_segment_ids,
+    )  # [rows, row_length, hidden]
+    last = sequence_last_index(packed.segment_ids, packed.sequence_rows, packed.sequence_segments)
+    summary = hidden[packed.sequence_rows, last]  # [sequences, hidden]
+    return model.score(summary).astype(jnp.float32)[:, 0]
 
 
 def split_microbatches(batch: Mapping[str, Array], num_microbatches: int, groups: int) -> dict[str, Array]:

@@ -1,4 +1,4 @@
-"""One jitted training step for every family: policy log-probs -> objective -> gradients -> optax.
+"""One jitted training step for every family: log-probs or rewards -> objective -> gradients -> optax.
 
 :func:`build_step` joins a model, an :class:`~jaxpref.objectives.Objective` and an optax optimizer
 on a mesh, and returns a :class:`TrainStep`: ``init`` creates the :class:`TrainState` directly in
@@ -15,7 +15,9 @@ Inside the step:
    not: the KL batch (no gradient) is run first over the whole batch.
 2. Reference log-probs come from a frozen copy of the initial policy (``reference="frozen"``, run
    under ``stop_gradient``), from the batch (``"cached"``, see :mod:`jaxpref.train.reference`), or
-   are absent (``"none"``: reference-free objectives and SFT).
+   are absent (``"none"``: reference-free objectives, SFT and reward models). The ``"reward"``
+   family trains a :class:`~jaxpref.models.heads.RewardModel`: its objective reads each pair's
+   two rewards (:func:`~jaxpref.train.batches.packed_rewards`) instead of log-probs.
 3. A non-finite loss or gradient norm skips the update: params and optimizer state keep their
    values (so the optimizer's own count and learning-rate schedule see only applied updates), while
    ``step`` still advances, since it counts batches consumed and keeps the data position, logs and
@@ -44,12 +46,14 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpref.models.decoder import param_logical_axes
+from jaxpref.models.heads import RewardModel
 from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE, sequence_logps
 from jaxpref.objectives import Objective
 from jaxpref.sharding import LOGICAL_AXIS_RULES, logical_sharding
 from jaxpref.train.batches import (
     KL_PREFIX,
     LAYOUT_FIELDS,
+    OPTIONAL_KEYS,
     REFERENCE_KEYS,
     ROW_FIELDS,
     SEQUENCE_FIELDS,
@@ -59,6 +63,7 @@ from jaxpref.train.batches import (
     count_tokens,
     packed_batch,
     packed_logps,
+    packed_rewards,
     sequence_groups,
     shard_batch,
     split_microbatches,
@@ -155,9 +160,12 @@ class TrainStep:
         if missing:
             hint = " (attach them with ReferenceLogps.attach)" if self.reference == "cached" else ""
             raise ValueError(f"`batch` lacks key(s) {missing}{hint}; it has {sorted(batch)}.")
-        optional = [
-            k for k in ("prefix_segment_ids", f"{KL_PREFIX}prefix_segment_ids") if batch.get(k) is not None
-        ]
+        optional = (
+            "prefix_segment_ids",
+            f"{KL_PREFIX}prefix_segment_ids",
+            *OPTIONAL_KEYS.get(self.family, ()),
+        )
+        optional = [k for k in optional if batch.get(k) is not None]
         used = {k: batch[k] for k in (*keys, *optional)}
         check_microbatches(used, self.grad_accum_steps, self.family)
         return shard_batch(used, self.mesh, self.rules, self.family)
@@ -175,7 +183,7 @@ def _batch_keys(family: str, reference: str) -> tuple[tuple[str, ...], tuple[str
     packed = rows + SEQUENCE_FIELDS
     cached = reference == "cached"
     keys = packed + (REFERENCE_KEYS[family] if cached else ())
-    if family == "pairwise":
+    if family in ("pairwise", "reward"):
         return keys, ()
     kl_keys = tuple(KL_PREFIX + f for f in packed) + ((f"{KL_PREFIX}ref_logps",) if cached else ())
     return keys + ("labels",), kl_keys
@@ -197,17 +205,19 @@ def build_step(
     """Builds the sharded init and the jitted, state-donating train step.
 
     Args:
-      model: the policy (e.g. a :class:`~jaxpref.models.decoder.Decoder`); its parameters are the
+      model: the policy (e.g. a :class:`~jaxpref.models.decoder.Decoder`), or a scalar
+        :class:`~jaxpref.models.heads.RewardModel` for ``family="reward"``; its parameters are the
         default initial weights and, with ``reference="frozen"``, the reference. Only its
         ``nnx.Param`` variables are trained; any other state is held constant.
-      objective: ``objective("sigmoid", beta=0.1)`` and the like, called with the family's
-        keyword inputs; None for ``family="sft"``.
+      objective: ``objective("sigmoid", beta=0.1)``, ``objective("bradley_terry")`` and the like,
+        called with the family's keyword inputs; None for ``family="sft"``.
       optimizer: any optax transformation; wrap it in ``optax.inject_hyperparams`` to log the
         learning rate.
       mesh: a ``(data, fsdp, tensor)`` mesh (:func:`jaxpref.sharding.make_mesh`). Parameters and
         optimizer state are sharded by their logical axes under ``rules``; batches by rows.
       reference: ``"frozen"``, ``"cached"`` or ``"none"`` (see the module docstring).
-      family: ``"pairwise"``, ``"unpaired"`` or ``"sft"`` (see :mod:`jaxpref.train.batches`).
+      family: ``"pairwise"``, ``"unpaired"``, ``"sft"`` or ``"reward"`` (see
+        :mod:`jaxpref.train.batches`).
       grad_accum_steps: microbatches per batch; it must divide the rows and the examples.
       chunk_size, vocab_chunk_size: LM-head chunking of
         :func:`~jaxpref.models.logprobs.sequence_logps`.
@@ -220,6 +230,8 @@ def build_step(
             "`family`='sft' trains on the token-mean NLL without a reference: pass `objective`=None "
             "and `reference`='none'."
         )
+    if family == "reward":
+        _check_reward_model(model, reference)
     if family != "sft" and not isinstance(objective, Objective):
         raise ValueError(
             f"`objective` must be an Objective (e.g. objective('sigmoid', beta=0.1)), got {objective!r}."
@@ -272,9 +284,14 @@ def build_step(
             )
             counted = (microbatch["completion_mask"] != 0) & (microbatch["predictor_index"] >= 0)
             return -token_logps.sum(), (counted.sum().astype(jnp.float32), {})
-        ref = reference_logps(ref_params, microbatch, REFERENCE_KEYS[family])
-        policy, lengths = logps(params, microbatch)
-        losses, metrics = objective(**objective_inputs(policy, lengths, ref, microbatch, kl))
+        if family == "reward":
+            rewards = packed_rewards(nnx.merge(graphdef, params, other_state), packed_batch(microbatch))
+            inputs = _reward_inputs(rewards, microbatch)
+        else:
+            ref = reference_logps(ref_params, microbatch, REFERENCE_KEYS[family])
+            policy, lengths = logps(params, microbatch)
+            inputs = objective_inputs(policy, lengths, ref, microbatch, kl)
+        losses, metrics = objective(**inputs)
         labels = microbatch["labels"] if family == "unpaired" else None
         count = jnp.asarray(losses.shape[0], jnp.float32)
         return jnp.sum(losses), (count, _metric_fractions(metrics, losses.shape[0], labels))
@@ -393,6 +410,28 @@ def build_step(
         _init=init,
         _step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
     )
+
+
+def _check_reward_model(model: nnx.Module, reference: str) -> None:
+    if reference != "none":
+        raise ValueError(
+            f"`family`='reward' trains a reward model, which has no reference: pass `reference`='none', "
+            f"not {reference!r}."
+        )
+    outputs = model.score.out_features if isinstance(model, RewardModel) else None
+    if outputs != 1:
+        got = type(model).__name__ if outputs is None else f"a RewardModel with {outputs} outputs"
+        raise ValueError(
+            f"`family`='reward' needs `model` to be a scalar jaxpref.models.heads.RewardModel "
+            f"(num_labels=1), got {got}."
+        )
+
+
+def _reward_inputs(rewards: Array, microbatch: Mapping[str, Array]) -> dict[str, Array]:
+    """Reward-objective inputs: sequences ``0..b-1`` are the chosen, ``b..2b-1`` the rejected."""
+    chosen, rejected = jnp.split(rewards, 2)  # [b] each
+    optional = {k: microbatch[k] for k in OPTIONAL_KEYS["reward"] if k in microbatch}
+    return dict(chosen_rewards=chosen, rejected_rewards=rejected, **optional)
 
 
 def _metric_fractions(

@@ -18,7 +18,9 @@ def test_merged_host_batches_equal_one_host_batch():
     prompts, chosen, rejected = _pairs(rng, 6)
     whole = prefix_shared_pairs(prompts, chosen, rejected, row_length=20)._asdict()
     hosts = [
-        prefix_shared_pairs(prompts[i : i + 3], chosen[i : i + 3], rejected[i : i + 3], row_length=20)._asdict()
+        prefix_shared_pairs(
+            prompts[i : i + 3], chosen[i : i + 3], rejected[i : i + 3], row_length=20
+        )._asdict()
         for i in (0, 3)
     ]
     merged = merge_host_batches(hosts, "pairwise")
