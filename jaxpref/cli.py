@@ -44,7 +44,15 @@ def _parser() -> argparse.ArgumentParser:
         help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)",
     )
     commands.add_parser("demo", parents=[common], help="the bundled end-to-end pipeline (make demo)")
-    objectives = {"dpo": sorted(PAIRWISE), "kto": sorted(UNPAIRED), "reward": sorted(REWARD)}
+    # Objectives the train step can feed from a batch of sequences: not those needing token-level
+    # inputs or per-pair extras (ld_dpo, wpo, mmpo) nor BCO's running state across steps.
+    trainable = {"ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "ref_logps"}
+    objectives = {
+        family: sorted(
+            name for name, spec in registry.items() if set(spec.requires) <= trainable and name != "bco"
+        )
+        for family, registry in (("dpo", PAIRWISE), ("kto", UNPAIRED), ("reward", REWARD))
+    }
     for name in _TRAINING:
         sub = commands.add_parser(name, parents=[common], help=f"train with {name}")
         sub.add_argument("--data", nargs="+", help="local JSONL or Parquet files (data.train_files)")

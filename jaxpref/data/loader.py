@@ -206,7 +206,10 @@ class _Collate:
         tokens = [np.concatenate([prompt, response]) for prompt, response in sequences]
         masks = [np.repeat([0, 1], [len(prompt), len(response)]) for prompt, response in sequences]
         length = _bucket(self.row_lengths, max(len(ids) for ids in tokens))
-        batch = pack_sequences(tokens, masks, length, num_rows=len(tokens), pad_id=self.pad_id)
+        # Sequence i in row i: gradient accumulation splits examples and rows alike (strided).
+        batch = pack_sequences(
+            tokens, masks, length, num_rows=len(tokens), pad_id=self.pad_id, one_per_row=True
+        )
         return {prefix + field: value for field, value in batch._asdict().items()}
 
     def pairwise_shared(self, records: Sequence[Record]) -> Batch:

@@ -150,8 +150,12 @@ def pack_sequences(
     *,
     num_rows: int | None = None,
     pad_id: int = 0,
+    one_per_row: bool = False,
 ) -> PackedBatch:
     """Packs sequences into rows of ``row_length`` tokens, several per row (first-fit decreasing).
+
+    ``one_per_row=True`` puts sequence ``i`` alone in row ``i`` instead: no tokens saved, but the
+    row of each example is known, which gradient accumulation's strided microbatches rely on.
 
     ``completion_masks[i]`` marks the tokens of ``sequences[i]`` whose log-prob counts (1) or not
     (0, e.g. the prompt); its first entry must be 0 since a sequence's first token has no
@@ -191,7 +195,10 @@ def pack_sequences(
     used: list[int] = []  # tokens taken per row
     segments: list[int] = []  # sequences placed per row
     placement = [(0, 0, 0)] * len(tokens)  # (row, start, segment id) per sequence
-    for i in sorted(range(len(tokens)), key=lambda i: -len(tokens[i])):
+    if one_per_row:
+        placement = [(i, 0, 1) for i in range(len(tokens))]
+        used = [len(seq) for seq in tokens]
+    for i in [] if one_per_row else sorted(range(len(tokens)), key=lambda i: -len(tokens[i])):
         row = next((r for r, taken in enumerate(used) if taken + len(tokens[i]) <= row_length), len(used))
         if row == len(used):
             used.append(0)

@@ -136,6 +136,7 @@ class TrainStep:
     batch_keys: tuple[str, ...]  # keys every batch needs (besides the optional prefix_segment_ids)
     kl_batch_keys: tuple[str, ...]  # keys needed when the batch has a KL batch (unpaired)
     rules: Mapping
+    term_names: frozenset[str]  # names of the objective's terms (checks on what a batch may carry)
     _init: Callable[..., TrainState]
     _step: Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]
 
@@ -156,6 +157,13 @@ class TrainStep:
         keys = self.batch_keys
         if f"{KL_PREFIX}input_ids" in batch:
             keys += self.kl_batch_keys
+        if self.reference == "cached" and f"{KL_PREFIX}input_ids" in batch and "kto" in self.term_names:
+            # A KL pair is the prompt of one example with the completion of its batch neighbour, so
+            # it changes with every shuffle; log-probs cached in another order would not match it.
+            raise ValueError(
+                "`reference`='cached' cannot serve KTO's KL batch (its mismatched pairs change with the "
+                "data order); use reference='frozen' for KTO."
+            )
         missing = [k for k in keys if batch.get(k) is None]
         if missing:
             hint = " (attach them with ReferenceLogps.attach)" if self.reference == "cached" else ""
@@ -236,6 +244,12 @@ def build_step(
         raise ValueError(
             f"`objective` must be an Objective (e.g. objective('sigmoid', beta=0.1)), got {objective!r}."
         )
+    term_names = {term.name for term in objective.terms} if objective is not None else set()
+    if "bco" in term_names:
+        raise ValueError(
+            "`objective` 'bco' keeps a running mean of rewards across steps, which the train step does not "
+            "carry yet; use 'kto' or 'apo_zero_unpaired', or call unpaired_loss('bco', ...) in your own loop."
+        )
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"`grad_accum_steps` must be a positive int, got {grad_accum_steps!r}.")
 
@@ -270,7 +284,8 @@ def build_step(
             if ref is not None:
                 inputs["ref_logps"] = ref
             if kl is not None:
-                inputs["policy_kl_logps"], inputs["ref_kl_logps"] = kl
+                # The loader builds a KL batch for all unpaired data; only KTO-like terms read it.
+                optional["policy_kl_logps"], optional["ref_kl_logps"] = kl
         read = {k: v for k, v in optional.items() if any(t.accepts_input(k) for t in objective.terms)}
         return {**inputs, **read}
 
@@ -407,6 +422,7 @@ def build_step(
         batch_keys=batch_keys,
         kl_batch_keys=kl_batch_keys,
         rules=rules,
+        term_names=frozenset(term_names),
         _init=init,
         _step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
     )

@@ -155,3 +155,12 @@ def test_segment_sum():
 def test_errors_name_the_argument(call, name):
     with pytest.raises(ValueError, match=re.escape(f"`{name}`")):
         call()
+
+
+def test_one_per_row_keeps_sequence_order():
+    batch = pack_sequences(
+        [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[0, 1, 1], [0, 1], [0, 0, 1, 1]], row_length=6, one_per_row=True
+    )
+    np.testing.assert_array_equal(batch.sequence_rows, [0, 1, 2])
+    np.testing.assert_array_equal(batch.sequence_segments, [1, 1, 1])
+    np.testing.assert_array_equal(batch.input_ids[2, :4], [6, 7, 8, 9])
