@@ -29,6 +29,7 @@ and ``cached`` (precomputed reference log-probs). Also printed: each framework's
     python benchmarks/dpo_vs_trl.py                       # --pairs 5 --steps 10
     python benchmarks/dpo_vs_trl.py --pairs 5 --steps 10 --settings frozen
     python benchmarks/dpo_vs_trl.py --jaxpref-layout separate   # no prefix sharing in jaxpref
+    python benchmarks/dpo_vs_trl.py --cpus 0              # both pinned to one core (busy shared machine)
     python benchmarks/dpo_vs_trl.py --profile-only        # jaxpref timing split only, no TRL
 
 The first run creates the TRL environment (a few minutes; torch comes from the local wheel).
@@ -129,12 +130,15 @@ class Worker:
     """A subprocess running this script with ``--worker NAME``: one JSON request per line in,
     one JSON reply per line out (its other output goes to a log file)."""
 
-    def __init__(self, name: str, python: str, spec_path: pathlib.Path, log_path: pathlib.Path):
+    def __init__(
+        self, name: str, python: str, spec_path: pathlib.Path, log_path: pathlib.Path, cpus: str | None
+    ):
         self.name = name
         self.log = open(log_path, "w")
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+        pin = ["taskset", "-c", cpus] if cpus else []  # JAX sizes its thread pool from the affinity mask
         self.process = subprocess.Popen(
-            [python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)],
+            [*pin, python, str(pathlib.Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -230,6 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="keep TRL's default gradient_checkpointing=True (off by default: jaxpref does not recompute)",
     )
+    parser.add_argument(
+        "--cpus",
+        help="pin both workers to these cores (taskset list, e.g. 0); torch gets one thread per core. "
+        "Fewer threads than cores keeps a busy neighbour on a shared machine from stalling the run",
+    )
     parser.add_argument("--profile-only", action="store_true", help="only the jaxpref step-time split")
     parser.add_argument("--worker", choices=("trl", "jaxpref"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -245,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         layout=args.jaxpref_layout,
         workdir=str(workdir),
         trl_gradient_checkpointing=args.trl_gradient_checkpointing,
+        cpus=args.cpus,
     )
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -260,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     workers = {
-        "trl": Worker("trl", str(trl_python), spec_path, workdir / "trl.log"),
-        "jaxpref": Worker("jaxpref", sys.executable, spec_path, workdir / "jaxpref.log"),
+        "trl": Worker("trl", str(trl_python), spec_path, workdir / "trl.log", args.cpus),
+        "jaxpref": Worker("jaxpref", sys.executable, spec_path, workdir / "jaxpref.log", args.cpus),
     }
     try:
         for name, worker in workers.items():
@@ -340,7 +350,8 @@ class JaxprefRunner:
         import jax
 
         rows = self.batch["input_ids"].shape
-        return f"jax {jax.__version__} on {jax.devices()[0].device_kind}, rows {rows}"
+        cores = len(os.sched_getaffinity(0))
+        return f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({cores} cores), rows {rows}"
 
     def step_fn(self, setting: str):
         from jaxpref.train.step import build_step
@@ -380,6 +391,8 @@ class TrlRunner:
 
         transformers.logging.set_verbosity_error()
         torch.manual_seed(0)
+        if spec["cpus"]:
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.spec = spec
         self.tokenizer = byte_tokenizer()
         data = spec["data"]
@@ -395,7 +408,7 @@ class TrlRunner:
 
         return (
             f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads"
+            f"{torch.get_num_threads()} threads on {len(os.sched_getaffinity(0))} cores"
         )
 
     def load(self):

@@ -243,16 +243,18 @@ def sample_completions(
     so the sampler compiles once."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     prompt_length = max(map(len, encoded))
+    # Llama-style tokenizers have no pad token: pad with EOS (padding is masked out anyway).
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_id,
     )
     completions = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids = np.full((batch_size, prompt_length), tokenizer.pad_token_id, np.int32)
+        ids = np.full((batch_size, prompt_length), pad_id, np.int32)
         mask = np.zeros((batch_size, prompt_length), np.int32)
         for i, tokens in enumerate(chunk + [chunk[-1]] * (batch_size - len(chunk))):  # pad the batch
             ids[i, prompt_length - len(tokens) :] = tokens  # left padding

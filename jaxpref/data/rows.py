@@ -160,8 +160,10 @@ def parse_row(
     elif layout == "unpaired":
         prompt, responses = fields.text("prompt"), (fields.text("completion"),)
         label = fields.get("label")
+        if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+            label = bool(label)  # 0/1 labels are as common as true/false
         if not isinstance(label, bool):
-            raise BadRow(WRONG_TYPE, f"`{fields.column('label')}` must be true or false, got {label!r}")
+            raise BadRow(WRONG_TYPE, f"`{fields.column('label')}` must be true/false or 0/1, got {label!r}")
     elif layout == "ranked":
         prompt, responses, scores = _ranked(fields)
     elif layout == "sft":

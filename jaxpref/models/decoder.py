@@ -100,6 +100,12 @@ class DecoderConfig:
         scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
         rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         is_gemma = model_type == "gemma"
+        windowed = hf.get("sliding_window") is not None and hf.get("use_sliding_window", True)
+        if windowed and hf.get("max_window_layers", hf["num_hidden_layers"]) < hf["num_hidden_layers"]:
+            raise ValueError(
+                "config.json sets `max_window_layers` below `num_hidden_layers` (sliding window on some "
+                "layers only), which this decoder does not support; set `use_sliding_window` to false."
+            )
         fields = dict(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -268,7 +274,10 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (self.weight_offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        if self.weight_offset:  # Gemma scales in float32, then rounds
+            return (normed * (self.weight_offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        # Llama / Qwen round to the input dtype first, then scale (matters in bf16 only)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 def _rms_norm(config: DecoderConfig, dim: int) -> RMSNorm:

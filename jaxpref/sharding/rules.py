@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,7 +51,10 @@ def make_mesh(
         raise ValueError(
             f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}."
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    # jax.make_mesh orders devices by the physical topology (TPU rings, GPU NVLink domains), so the
+    # innermost axes (fsdp, tensor) land on the fastest links.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def logical_sharding(
@@ -74,6 +80,14 @@ def logical_sharding(
         )
         split = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
         if not mesh_axes or size % split:
+            if mesh_axes and name == "batch":
+                # Every device would then compute the whole batch: correct, but no data parallelism.
+                logger.warning(
+                    "batch dimension %d is not divisible by mesh axes %s (%d); replicating it",
+                    size,
+                    mesh_axes,
+                    split,
+                )
             spec.append(None)
             continue
         used.update(mesh_axes)

@@ -132,7 +132,7 @@ def test_bad_rows_are_counted_by_reason(tmp_path):
 @pytest.mark.parametrize(
     "layout, record, reason",
     [
-        ("unpaired", {"prompt": "q", "completion": "a", "label": 1}, reasons.WRONG_TYPE),
+        ("unpaired", {"prompt": "q", "completion": "a", "label": "yes"}, reasons.WRONG_TYPE),
         ("unpaired", {"prompt": "q", "completion": "a"}, reasons.MISSING_FIELD),
         ("ranked", {"prompt": "q", "responses": ["a", "b"], "scores": [1.0]}, reasons.SCORES_MISMATCH),
         ("ranked", {"prompt": "q", "responses": ["a"], "scores": [1.0]}, reasons.TOO_FEW_RESPONSES),
@@ -187,3 +187,9 @@ def test_unknown_layout_and_field_map_key_are_errors(tmp_path):
         list(read_rows([], "dpo", report))
     with pytest.raises(ValueError, match="`field_map` has keys \\['label'\\]"):
         list(read_rows([], "sft", report, field_map={"label": "y"}))
+
+
+def test_integer_labels_zero_and_one_are_booleans():
+    for value in (0, 1):
+        row = parse_row({"prompt": "q", "completion": "a", "label": value}, "unpaired")
+        assert row.label is bool(value)
