@@ -4,6 +4,7 @@ and batched sampling. Each is a small function of a config, so notebooks can use
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -170,7 +171,9 @@ def train_run(
     """
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    lead = jax.process_index() == 0  # in a multi-host run, process 0 writes the files
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     family = _run_family(config, family)
     source, report = prepare_train_data(config, tokenizer)
     print(report)
@@ -191,6 +194,11 @@ def train_run(
         make_loader(source, config.data.batch_size, seed=config.data.seed, num_epochs=None, **loader_options)
     )
     if reference == "cached":
+        if jax.process_count() > 1:
+            raise ValueError(
+                "`train.reference`='cached' is single-host for now (the cache is keyed by host-local "
+                "examples); use train.reference=frozen on a multi-host run."
+            )
         # One pass in dataset order, every row once (the last, partial batch included).
         batches = lambda: iter(  # noqa: E731
             make_loader(source, config.data.batch_size, shuffle=False, drop_remainder=False, **loader_options)
@@ -210,7 +218,8 @@ def train_run(
         max_to_keep=config.train.keep_checkpoints,
         save_interval_steps=config.train.checkpoint_every,
     )
-    with MetricsWriter(run_dir / "metrics") as writer:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(MetricsWriter(run_dir / "metrics")) if lead else None
         state = train(
             step.init(),
             step,
@@ -219,13 +228,14 @@ def train_run(
             checkpoint_manager=manager,
             metrics_writer=writer,
             max_consecutive_nonfinite=config.train.max_consecutive_nonfinite,
-            progress=config.train.progress,
+            progress=config.train.progress and lead,
         )
     manager.wait_until_finished()
     manager.close()
     nnx.update(model, state.params)
-    save_pretrained(model, run_dir / "hf")
-    tokenizer.save_pretrained(run_dir / "hf")
+    save_pretrained(model, run_dir / "hf")  # collective; writes on process 0
+    if lead:
+        tokenizer.save_pretrained(run_dir / "hf")
     return model
 
 

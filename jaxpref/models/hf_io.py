@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -187,7 +188,11 @@ def _load_tensor(reader: _CheckpointReader, name: str, shape, dtype, transpose: 
 def _parameters(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, host array in torch layout) for every parameter, one at a time."""
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(jax.device_get(variable[...]))
+        array = variable[...]
+        if not getattr(array, "is_fully_addressable", True):
+            # Sharded across hosts: every host takes part in the gather, one tensor at a time.
+            array = multihost_utils.process_allgather(array, tiled=True)
+        value = np.asarray(jax.device_get(array))
         yield hf_name(path), (value.T if _is_kernel(path) else value)
 
 
@@ -195,29 +200,44 @@ def save_pretrained(model: nnx.Module, path: str | pathlib.Path, *, max_shard_by
     """Writes ``config.json`` and safetensors in Hugging Face layout (``transformers`` loads it).
 
     Checkpoints larger than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors``
-    files with a ``model.safetensors.index.json``, as ``transformers`` does.
+    files with a ``model.safetensors.index.json``, as ``transformers`` does. In a multi-host run every
+    process must call it (the parameters are gathered collectively); only process 0 writes.
     """
+    writer = jax.process_index() == 0
     folder = pathlib.Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(_hf_config(model), indent=2))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(_hf_config(model), indent=2))
+    written: list[tuple[pathlib.Path, list[str]]] = []  # temporary shard files and their tensors
+    shard: dict[str, np.ndarray] = {}
+    total = 0
+
+    def flush() -> None:
+        file = folder / f"model-{len(written) + 1:05d}.safetensors.partial"
+        save_file(shard, file, metadata={"format": "pt"})
+        written.append((file, list(shard)))
+        shard.clear()
+
+    # Every process iterates (gathering a cross-host tensor is collective); only process 0 keeps
+    # values, and at most one shard of them at a time.
     for name, value in _parameters(model):
-        if shards[-1] and shard_bytes + value.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = np.ascontiguousarray(value)
-        shard_bytes += value.nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+        if not writer:
+            continue
+        if shard and sum(v.nbytes for v in shard.values()) + value.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = np.ascontiguousarray(value)
+        total += value.nbytes
+    if not writer:
         return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / file, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file))
-        total += sum(v.nbytes for v in shard.values())
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(folder / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (partial, names) in enumerate(written, start=1):
+        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        partial.rename(folder / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
