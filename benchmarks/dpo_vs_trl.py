@@ -599,6 +599,7 @@ def jaxpref_profile(spec: dict, repeats: int = 5) -> dict:
 
     pieces = {
         "decoder trunk forward (no LM head)": jax.jit(trunk),
+        "decoder trunk forward + backward (no LM head)": jax.jit(jax.grad(trunk)),
         "log-probs forward (reference pass)": jax.jit(logps),
         "log-probs forward, LM head on completions only": jax.jit(lambda p: logps(p, completion_tokens)),
         "log-probs forward + backward": jax.jit(jax.grad(logps)),
