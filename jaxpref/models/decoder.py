@@ -286,6 +286,22 @@ def _rms_norm(config: DecoderConfig, dim: int) -> RMSNorm:
     )
 
 
+def _flat_dot_general(lhs, rhs, dimension_numbers, **kwargs):
+    """``nnx.Linear``'s dot_general with the leading ``[batch, seq]`` axes flattened into one.
+
+    Same products, same results. With a 3-D ``[batch, seq, in] @ [in, out]`` the kernel gradient
+    contracts two axes (batch and seq), which XLA:CPU runs on a slow generic kernel behind transposed
+    copies of the activations; over one token axis forward + backward is ~20% faster on CPU.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if lhs.ndim > 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and not lhs_batch and not rhs_batch:
+        flat = jax.lax.dot_general(
+            lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), tuple(rhs_contract)), ((), ())), **kwargs
+        )
+        return flat.reshape(*lhs.shape[:-1], *flat.shape[1:])
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+
+
 def _linear(config: DecoderConfig, rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool) -> nnx.Linear:
     return nnx.Linear(
         d_in,
@@ -294,6 +310,7 @@ def _linear(config: DecoderConfig, rngs: nnx.Rngs, d_in: int, d_out: int, bias: 
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=nnx.initializers.normal(0.02),
+        dot_general=_flat_dot_general,
         rngs=rngs,
     )
 
