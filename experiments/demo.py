@@ -16,7 +16,6 @@ Run: ``python -m experiments.demo [--set dpo.train.steps=200 ...]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -35,7 +34,7 @@ from experiments.pipeline import (
 from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
 from jaxpref.data.synthetic import SortingTask, hidden_reward, prompts, sft_rows, write_jsonl
 from jaxpref.models import from_pretrained
-from jaxpref.overrides import apply_overrides, to_dict
+from jaxpref.overrides import config_from_argv, to_dict
 from jaxpref.train.reference import compute_reference_logps
 
 
@@ -170,11 +169,8 @@ def print_table(results: dict[str, float], config: DemoConfig) -> None:
 
 
 def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description="The default jaxpref pipeline: SFT -> pairs -> DPO -> eval.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = apply_overrides(DemoConfig(), args.overrides)
-    return run_demo(config)
+    description = "The default jaxpref pipeline: SFT -> pairs -> DPO -> eval."
+    return run_demo(config_from_argv(DemoConfig(), description, argv))
 
 
 if __name__ == "__main__":

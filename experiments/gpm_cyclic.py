@@ -30,7 +30,6 @@ Run: ``python -m experiments.gpm_cyclic [--set steps=300]``; prints a markdown t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -52,7 +51,7 @@ from experiments.configs import (
 from experiments.reward import run_reward
 from experiments.reward_eval import RESULTS_FILE
 from jaxpref.data.synthetic import write_jsonl
-from jaxpref.overrides import apply_overrides
+from jaxpref.overrides import config_from_argv
 
 TYPES = "abcde"
 FILLER = "vwxyz"
@@ -194,10 +193,7 @@ def markdown_table(table: list[dict[str, Any]], config: CyclicConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    return run_gpm_cyclic(apply_overrides(CyclicConfig(), args.overrides))
+    return run_gpm_cyclic(config_from_argv(CyclicConfig(), __doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ The other online algorithms run the same way: ``--set grpo.algorithm=online_dpo
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time
@@ -38,7 +37,7 @@ from experiments.pipeline import (
 )
 from jaxpref.data.synthetic import SortingTask, hidden_reward, prompts, sft_rows, write_jsonl
 from jaxpref.models import CausalLMWithValueHead, Decoder, from_pretrained
-from jaxpref.overrides import apply_overrides, to_dict
+from jaxpref.overrides import config_from_argv, to_dict
 
 
 def sft_folder(config: GRPODemoConfig, mesh, tokenizer, run_dir: pathlib.Path) -> pathlib.Path:
@@ -141,12 +140,8 @@ def print_table(results: dict[str, float], config: GRPODemoConfig) -> None:
 
 
 def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(
-        description="SFT -> GRPO on the bundled sorting task, with an exact checker."
-    )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    return run_grpo_demo(apply_overrides(GRPODemoConfig(), args.overrides))
+    description = "SFT -> GRPO on the bundled sorting task, with an exact checker."
+    return run_grpo_demo(config_from_argv(GRPODemoConfig(), description, argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
     jaxpref rloo --data prompts.jsonl --model runs/sft/hf --set rollout.reward_model=runs/reward/hf
     jaxpref online-dpo --data prompts.jsonl --model runs/sft/hf       # 2 samples, the better one chosen
     jaxpref ppo --data prompts.jsonl --model runs/sft/hf              # value head, GAE, clipped losses
+    jaxpref diffusion                              # image denoisers on the bundled shapes task: every method
+    jaxpref diffusion-dpo --set dpo.steps=400      # one method (diffusion-kto, flow-dpo, draft alike)
 
 Every run writes ``runs/<name>/``: the resolved ``config.json``, the prepared data and its bad-row
 report, orbax checkpoints (rerunning the same command resumes), metrics (JSONL, TensorBoard,
@@ -31,6 +33,8 @@ import sys
 _TRAINING = ("sft", "dpo", "kto", "reward")
 # Sample, score with reward functions, update (experiments/online.py).
 _ONLINE = ("grpo", "rloo", "online-dpo", "ppo")
+# Image generators on the shapes task (experiments/diffusion.py): subcommand -> its method there.
+_DIFFUSION = {"diffusion-dpo": "dpo", "diffusion-kto": "kto", "flow-dpo": "flow-dpo", "draft": "draft"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
         help="JSONL or Parquet files: prompt, chosen, rejected, subset (reward.eval_files)",
     )
     evaluate.add_argument("--name", help="results go to runs/<name> (name)")
+    diffusion = commands.add_parser(
+        "diffusion", parents=[common], help="pretrain image denoisers, then fine-tune them on preferences"
+    )
+    diffusion.add_argument(
+        "--method", nargs="+", help="fine-tunings to run: dpo, kto, flow-dpo, draft (methods; default all)"
+    )
+    for name, method in _DIFFUSION.items():
+        sub = commands.add_parser(
+            name, parents=[common], help=f"`jaxpref diffusion --method {method}`: its generator, then {name}"
+        )
+        sub.set_defaults(method=[method])
+    for name in ("diffusion", *_DIFFUSION):
+        commands.choices[name].add_argument(
+            "--name", help="run folder runs/<name> (name); stages already trained there are resumed"
+        )
     return parser
 
 
@@ -120,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.demo import run_demo
 
         run_demo(apply_overrides(configs.DemoConfig(), args.overrides))
+        return 0
+    if args.command == "diffusion" or args.command in _DIFFUSION:
+        from experiments.diffusion import DiffusionExperimentConfig, run_diffusion
+
+        shortcuts = [f"methods={json.dumps(args.method)}"] if args.method else []
+        shortcuts += [f"name={args.name}"] if args.name else []
+        run_diffusion(apply_overrides(DiffusionExperimentConfig(), [*shortcuts, *args.overrides]))
         return 0
     if args.command in _ONLINE:
         from experiments.online import run_online_command

@@ -8,6 +8,7 @@ settings in a dict field it names in ``__extra_field__`` (an objective's hyperpa
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -37,9 +38,11 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
         except ValueError as error:
             raise ValueError(f"`{key}` expects {annotation.__name__}, got {text!r}.") from error
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    # Configs are frozen and hashable: a JSON list for a tuple field stays a tuple.
+    return tuple(value) if origin is tuple and isinstance(value, list) else value
 
 
 def apply_overrides(config: T, assignments: Iterable[str]) -> T:
@@ -50,6 +53,20 @@ def apply_overrides(config: T, assignments: Iterable[str]) -> T:
             raise ValueError(f"Override {assignment!r} must look like `field.subfield=value`.")
         config = _set(config, key.strip().split("."), text.strip(), key.strip())
     return config
+
+
+def config_from_argv(default: T, description: str, argv: list[str] | None = None) -> T:
+    """``default`` with the ``--set KEY=VALUE`` overrides of a script's command line (``argv``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set seed=1 (repeatable)",
+    )
+    return apply_overrides(default, parser.parse_args(argv).overrides)
 
 
 def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:

@@ -68,6 +68,7 @@ def test_overrides_are_typed_and_checked():
     )
     assert config.objective.hparams == {"beta": 0.2} and config.train.steps == 7
     assert config.data.prefix_sharing is False and config.model.checkpoint is None
+    assert apply_overrides(config, ['data.train_files=["a.jsonl"]']).data.train_files == ("a.jsonl",)
     with pytest.raises(ValueError, match="train.stepz"):
         apply_overrides(config, ["train.stepz=1"])
     with pytest.raises(ValueError, match="train.steps"):

@@ -143,6 +143,47 @@ def injected_learning_rate(opt_state) -> Array | None:
         return None
 
 
+def guarded_update(
+    state: TrainState,
+    grads: nnx.State,
+    loss: Array,
+    optimizer: optax.GradientTransformation,
+    next_key: Array,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update of ``state``, skipped when the loss or the gradient is not finite.
+
+    A skipped update keeps the params and optimizer state (one bad batch must not poison Adam's
+    moments) and counts the skip. Returns the next state (step + 1, ``rng`` = ``next_key``'s data)
+    and the metrics ``grad_norm``, ``nonfinite_skipped``, ``nonfinite_consecutive`` and, with
+    :func:`optax.inject_hyperparams`, ``learning_rate``.
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    nonfinite_count = jnp.where(finite, 0, state.nonfinite_count + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(new_params, state.params),
+        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+        rng=jax.random.key_data(next_key),
+        nonfinite_count=nonfinite_count,
+    )
+    metrics = {
+        "grad_norm": grad_norm,
+        "nonfinite_skipped": 1.0 - finite.astype(jnp.float32),
+        "nonfinite_consecutive": nonfinite_count.astype(jnp.float32),
+    }
+    learning_rate = injected_learning_rate(new_opt_state)
+    if learning_rate is not None:
+        metrics["learning_rate"] = learning_rate
+    return new_state, metrics
+
+
 def state_initializer(
     model_params: nnx.State,
     optimizer: optax.GradientTransformation,
@@ -457,40 +498,18 @@ def build_step(
         count = counts.sum()
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         loss = loss_sums.sum() / count
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        nonfinite_count = jnp.where(finite, 0, state.nonfinite_count + 1)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep_if_finite(new_params, state.params),
-            opt_state=keep_if_finite(new_opt_state, state.opt_state),
-            rng=jax.random.key_data(next_key),
-            nonfinite_count=nonfinite_count,
-        )
-
+        new_state, update_metrics = guarded_update(state, grads, loss, optimizer, next_key)
         metrics = {
             "loss": loss,
             **{
                 k: numerators.sum() / jnp.maximum(denominators.sum(), 1.0)
                 for k, (numerators, denominators) in fractions.items()
             },
-            "grad_norm": grad_norm,
             "num_tokens": count_tokens(batch).astype(jnp.float32),
-            "nonfinite_skipped": 1.0 - finite.astype(jnp.float32),
-            "nonfinite_consecutive": nonfinite_count.astype(jnp.float32),
+            **update_metrics,
         }
         if family == "unpaired":  # the class means are exact; their difference is recomputed from them
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        learning_rate = injected_learning_rate(new_opt_state)
-        if learning_rate is not None:
-            metrics["learning_rate"] = learning_rate
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     reference_copy = reference == "frozen" and not lora
