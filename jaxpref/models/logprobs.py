@@ -199,6 +199,86 @@ def token_logps_from_hidden(
     return (outputs[0], TokenStats(*outputs[1:])) if return_stats else outputs[0]
 
 
+class _HeadRows(NamedTuple):
+    """Which tokens the LM head scores, and from which hidden states."""
+
+    counted: Array  # [batch, seq] bool: completion tokens with a predictor
+    selected: Array | None  # [max_completion_tokens] flat indices of counted tokens (None: every token)
+    predictors: Array  # [rows] flat index of each scored token's predictor state
+
+
+def _head_rows(
+    input_ids: Array,  # [batch, seq]
+    completion_mask: Array,  # [batch, seq]
+    predictor_index: Array | None,  # [batch, seq]
+    max_completion_tokens: int | None,
+) -> _HeadRows:
+    """Checks the layout arguments and lays out the tokens the LM head reads."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"`input_ids` must be [batch, seq], got shape {input_ids.shape}.")
+    batch, seq = input_ids.shape
+    if completion_mask.shape != (batch, seq):
+        raise ValueError(
+            f"`completion_mask` has shape {completion_mask.shape} but `input_ids` has shape {(batch, seq)}."
+        )
+    if predictor_index is None:
+        predictor_index = jnp.broadcast_to(jnp.arange(seq) - 1, (batch, seq))
+    predictor_index = jnp.asarray(predictor_index)
+    if predictor_index.shape != (batch, seq):
+        raise ValueError(
+            f"`predictor_index` has shape {predictor_index.shape} but `input_ids` has shape {(batch, seq)}."
+        )
+    _check_positive_int("max_completion_tokens", max_completion_tokens, optional=True)
+    counted = (completion_mask != 0) & (predictor_index >= 0)
+    # Row of each token's predictor in the flattened [batch * seq, hidden] states.
+    source = (jnp.arange(batch)[:, None] * seq + jnp.clip(predictor_index, 0, seq - 1)).reshape(-1)
+    if max_completion_tokens is None:
+        return _HeadRows(counted, None, source)  # every position; uncounted ones are zeroed later
+    (selected,) = jnp.nonzero(counted.reshape(-1), size=max_completion_tokens, fill_value=0)
+    return _HeadRows(counted, selected, source[selected])
+
+
+def _scored_logps(
+    predictor_states: Array,  # [rows, hidden]
+    unembedding: Array,  # [hidden, vocab]
+    input_ids: Array,  # [batch, seq]
+    rows: _HeadRows,
+    chunk_size: int,
+    vocab_chunk_size: int | None,
+    return_stats: bool,
+):
+    """The LM head on the rows' predictor states, scattered back to the tokens' own positions."""
+    batch, seq = input_ids.shape
+    flat_ids = input_ids.reshape(-1)
+    outputs = token_logps_from_hidden(
+        predictor_states,
+        unembedding,
+        flat_ids if rows.selected is None else flat_ids[rows.selected],
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        return_stats=return_stats,
+    )
+    outputs = jax.tree.leaves(outputs)  # logps (, log_sum_squared_probs, entropy), each [rows]
+    if rows.selected is None:
+        outputs = [x.reshape(batch, seq) for x in outputs]
+    else:
+        # Fill slots (beyond the counted tokens) all point at position 0: add zeros there.
+        num_counted = rows.counted.sum()
+        filled = jnp.arange(rows.selected.shape[0]) < num_counted
+        outputs = [
+            jnp.zeros(batch * seq, jnp.float32)
+            .at[rows.selected]
+            .add(jnp.where(filled, x, 0.0))
+            .reshape(batch, seq)
+            for x in outputs
+        ]
+        overflow = num_counted > rows.selected.shape[0]
+        outputs = [jnp.where(overflow, jnp.nan, x) for x in outputs]
+    token_logps, *stats = [jnp.where(rows.counted, x, 0.0) for x in outputs]
+    summed = token_logps.sum(axis=-1)
+    return (token_logps, summed, TokenStats(*stats)) if return_stats else (token_logps, summed)
+
+
 def completion_logps(
     hidden: Array,  # [batch, seq, hidden]
     unembedding: Array,  # [hidden, vocab]
@@ -223,57 +303,12 @@ def completion_logps(
     are NaN rather than silently missing tokens.
     """
     input_ids, completion_mask = jnp.asarray(input_ids), jnp.asarray(completion_mask)
-    if input_ids.ndim != 2:
-        raise ValueError(f"`input_ids` must be [batch, seq], got shape {input_ids.shape}.")
+    rows = _head_rows(input_ids, completion_mask, predictor_index, max_completion_tokens)
     batch, seq = input_ids.shape
     if hidden.shape[:2] != (batch, seq) or hidden.ndim != 3:
         raise ValueError(f"`hidden` must be [batch={batch}, seq={seq}, hidden], got shape {hidden.shape}.")
-    if completion_mask.shape != (batch, seq):
-        raise ValueError(
-            f"`completion_mask` has shape {completion_mask.shape} but `input_ids` has shape {(batch, seq)}."
-        )
-    if predictor_index is None:
-        predictor_index = jnp.broadcast_to(jnp.arange(seq) - 1, (batch, seq))
-    predictor_index = jnp.asarray(predictor_index)
-    if predictor_index.shape != (batch, seq):
-        raise ValueError(
-            f"`predictor_index` has shape {predictor_index.shape} but `input_ids` has shape {(batch, seq)}."
-        )
-    _check_positive_int("max_completion_tokens", max_completion_tokens, optional=True)
-
-    counted = (completion_mask != 0) & (predictor_index >= 0)  # [batch, seq]
-    # Row of each token's predictor in the flattened [batch * seq, hidden] states.
-    source = (jnp.arange(batch)[:, None] * seq + jnp.clip(predictor_index, 0, seq - 1)).reshape(-1)
-    if max_completion_tokens is None:
-        selected = slice(None)  # every position; uncounted ones are zeroed below
-    else:
-        (selected,) = jnp.nonzero(counted.reshape(-1), size=max_completion_tokens, fill_value=0)
-    outputs = token_logps_from_hidden(
-        hidden.reshape(batch * seq, -1)[source[selected]],  # [tokens, hidden]
-        unembedding,
-        input_ids.reshape(-1)[selected],
-        chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        return_stats=return_stats,
-    )
-    outputs = jax.tree.leaves(outputs)  # logps (, log_sum_squared_probs, entropy), each [tokens]
-    if max_completion_tokens is None:
-        outputs = [x.reshape(batch, seq) for x in outputs]
-    else:
-        # Fill slots (beyond the counted tokens) all point at position 0: add zeros there.
-        filled = jnp.arange(max_completion_tokens) < counted.sum()
-        outputs = [
-            jnp.zeros(batch * seq, jnp.float32)
-            .at[selected]
-            .add(jnp.where(filled, x, 0.0))
-            .reshape(batch, seq)
-            for x in outputs
-        ]
-        overflow = counted.sum() > max_completion_tokens
-        outputs = [jnp.where(overflow, jnp.nan, x) for x in outputs]
-    token_logps, *stats = [jnp.where(counted, x, 0.0) for x in outputs]
-    summed = token_logps.sum(axis=-1)
-    return (token_logps, summed, TokenStats(*stats)) if return_stats else (token_logps, summed)
+    states = hidden.reshape(batch * seq, -1)[rows.predictors]
+    return _scored_logps(states, unembedding, input_ids, rows, chunk_size, vocab_chunk_size, return_stats)
 
 
 def sequence_logps(
@@ -306,19 +341,17 @@ def sequence_logps(
     matching ``predictor_index``, and ``PackedBatch.layout()`` gives all four layout arguments.
 
     ``model`` is a :class:`~jaxpref.models.decoder.Decoder` (or anything with its ``__call__`` and
-    ``unembedding()``); the LM head arguments are those of :func:`completion_logps`.
+    ``unembedding()``); the LM head arguments are those of :func:`completion_logps`. With
+    ``max_completion_tokens`` the model is asked for the predictor states alone (the decoder's
+    ``output_rows``), so its last layer skips the prompt tokens' projection and MLP.
     """
-    hidden = model(
-        input_ids, positions=positions, segment_ids=segment_ids, prefix_segment_ids=prefix_segment_ids
-    )
-    return completion_logps(
-        hidden,
-        model.unembedding(),
-        input_ids,
-        completion_mask,
-        predictor_index=predictor_index,
-        chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        max_completion_tokens=max_completion_tokens,
-        return_stats=return_stats,
+    input_ids, completion_mask = jnp.asarray(input_ids), jnp.asarray(completion_mask)
+    rows = _head_rows(input_ids, completion_mask, predictor_index, max_completion_tokens)
+    layout = dict(positions=positions, segment_ids=segment_ids, prefix_segment_ids=prefix_segment_ids)
+    if rows.selected is None:
+        states = model(input_ids, **layout).reshape(input_ids.size, -1)[rows.predictors]
+    else:
+        states = model(input_ids, **layout, output_rows=rows.predictors)
+    return _scored_logps(
+        states, model.unembedding(), input_ids, rows, chunk_size, vocab_chunk_size, return_stats
     )

@@ -9,7 +9,12 @@ import pytest
 from flax import nnx
 
 from jaxpref.models import Decoder, DecoderConfig
-from jaxpref.models.decoder import _single_sequence_rows, attention_implementation, attention_mask
+from jaxpref.models.decoder import (
+    _single_sequence_rows,
+    attention_implementation,
+    attention_mask,
+    blocked_causal_attention,
+)
 
 CONFIG = DecoderConfig(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
@@ -57,11 +62,12 @@ def test_attention_mask_segments_prefix_and_window():
 
 
 def test_attention_implementation_choice_and_single_sequence_layout():
-    # XLA's kernel on CPU; cuDNN only when asked (or by default on a GPU in half precision).
-    assert attention_implementation(CONFIG, jnp.bfloat16, 8, 8) == (
-        "cudnn" if jax.default_backend() == "gpu" else "xla"
-    )
-    assert attention_implementation(CONFIG, jnp.float32, 8, 8) == "xla"
+    # Causal query blocks on CPU, cuDNN on a GPU in half precision, XLA's kernel for cached decoding.
+    backend = jax.default_backend()
+    training = {"cpu": "blocked", "gpu": "cudnn"}.get(backend, "xla")
+    assert attention_implementation(CONFIG, jnp.bfloat16, 8, 8) == training
+    assert attention_implementation(CONFIG, jnp.float32, 8, 8) == ("blocked" if backend == "cpu" else "xla")
+    assert attention_implementation(CONFIG, jnp.float32, 1, 8) == "xla"
     assert (
         attention_implementation(
             dataclasses.replace(CONFIG, attention_implementation="cudnn"), jnp.float32, 1, 8
@@ -79,3 +85,47 @@ def test_attention_implementation_choice_and_single_sequence_layout():
     shifted = jnp.array([[1, 2, 3, 0], [0, 1, 0, 0]])  # positions not starting at 0
     assert not bool(_single_sequence_rows(single, shifted)[1])
     assert not bool(_single_sequence_rows(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32))[1])
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3, 4])
+def test_blocked_attention_matches_dense_attention(num_blocks):
+    # Shared-prefix rows (prompt | chosen | rejected, then padding), grouped-query heads, blocks that
+    # do not divide the length: values and gradients equal jax.nn.dot_product_attention's.
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 10, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 10, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 0, 0], [1, 1, 2, 2, 2, 3, 0, 0, 0, 0]])
+    prefix = jnp.where(segments > 1, 1, 0)
+    positions = jnp.array([[0, 1, 2, 3, 4, 3, 4, 5, 0, 0], [0, 1, 2, 3, 4, 2, 0, 0, 0, 0]])
+    visible = attention_mask(segments, positions, segments, positions, prefix) & jnp.tril(
+        jnp.ones((10, 10), bool)
+    )
+    real = (segments != 0)[:, :, None, None]  # padding queries see nothing: their outputs are unused
+
+    def dense(q, k, v):
+        return jnp.sum(jnp.where(real, jax.nn.dot_product_attention(q, k, v, mask=visible), 0.0) ** 2)
+
+    def blocked(q, k, v):
+        return jnp.sum(jnp.where(real, blocked_causal_attention(q, k, v, visible, num_blocks), 0.0) ** 2)
+
+    np.testing.assert_allclose(blocked(q, k, v), dense(q, k, v), rtol=1e-6)
+    for a, b in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_output_rows_are_the_full_pass_rows():
+    # The last layer's projection and MLP on the chosen tokens only: the same states, the same
+    # gradients (remat on, to cover the checkpointed layer too).
+    model = Decoder(dataclasses.replace(CONFIG, remat=True), rngs=nnx.Rngs(0))
+    rows = jnp.array([15, 2, 3, 9])
+
+    def full(model):
+        return model(IDS).reshape(-1, CONFIG.hidden_size)[rows]
+
+    def selected(model):
+        return model(IDS, output_rows=rows)
+
+    np.testing.assert_allclose(selected(model), full(model), rtol=1e-5, atol=1e-6)
+    grads = [nnx.state(nnx.grad(lambda m, f=f: jnp.sum(f(m) ** 2))(model)) for f in (full, selected)]
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
