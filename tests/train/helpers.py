@@ -15,6 +15,7 @@ CONFIG = DecoderConfig(
 )
 NUM_EXAMPLES = 8
 ROW_LENGTH = 16
+MARKER = CONFIG.vocab_size - 1  # the token that makes a response preferred in the learning tests
 
 
 def single_device_mesh():
@@ -34,6 +35,18 @@ def pair_batch(seed: int, first_index: int = 0) -> dict[str, np.ndarray]:
     batch = dict(prefix_shared_pairs(prompts, chosen, rejected, ROW_LENGTH)._asdict())
     batch["example_index"] = np.arange(first_index, first_index + NUM_EXAMPLES)
     return batch
+
+
+def marker_pairs(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """Random prompts and responses; only the chosen responses contain MARKER (at a random place)."""
+    prompts, chosen, rejected = [], [], []
+    for _ in range(count):
+        prompts.append(rng.integers(1, MARKER, int(rng.integers(2, 6))))
+        rejected.append(rng.integers(1, MARKER, int(rng.integers(1, 5))))
+        good = rng.integers(1, MARKER, int(rng.integers(1, 5)))
+        good[rng.integers(len(good))] = MARKER
+        chosen.append(good)
+    return dict(prefix_shared_pairs(prompts, chosen, rejected, ROW_LENGTH)._asdict())
 
 
 def _one_per_row(sequences: list[list[int]], masks: list[list[int]]) -> dict[str, np.ndarray]:

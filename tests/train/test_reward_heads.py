@@ -12,14 +12,12 @@ from flax import nnx
 
 from jaxpref.inference.reward import preference_embeddings, score_responses
 from jaxpref.models import PreferenceEmbeddingModel, RewardModel
-from jaxpref.models.packing import prefix_shared_pairs
 from jaxpref.objectives import Objective, objective
 from jaxpref.objectives.reward import ensemble_reward_loss, gpm_loss, gpm_preference_score
 from jaxpref.train import build_step
 
-from .helpers import CONFIG, NUM_EXAMPLES, ROW_LENGTH, pair_batch, single_device_mesh
+from .helpers import CONFIG, NUM_EXAMPLES, ROW_LENGTH, marker_pairs, pair_batch, single_device_mesh
 
-MARKER = CONFIG.vocab_size - 1  # the token that makes a response preferred
 HEADS = 3
 GPM_LOSS = Objective.from_fn(gpm_loss, name="gpm", temperature=0.5)
 ENSEMBLE_LOSS = Objective.from_fn(
@@ -58,18 +56,6 @@ def pairs_alone(batch) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndar
     """(prompts, chosen, rejected) token ids of a prefix-shared batch (segments 1, 2, 3 per row)."""
     segments = batch["segment_ids"]
     return tuple([row[seg == s] for row, seg in zip(batch["input_ids"], segments)] for s in (1, 2, 3))
-
-
-def marker_pairs(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
-    """Random prompts and responses; only the chosen responses contain MARKER (at a random place)."""
-    prompts, chosen, rejected = [], [], []
-    for _ in range(count):
-        prompts.append(rng.integers(1, MARKER, int(rng.integers(2, 6))))
-        rejected.append(rng.integers(1, MARKER, int(rng.integers(1, 5))))
-        good = rng.integers(1, MARKER, int(rng.integers(1, 5)))
-        good[rng.integers(len(good))] = MARKER
-        chosen.append(good)
-    return dict(prefix_shared_pairs(prompts, chosen, rejected, ROW_LENGTH)._asdict())
 
 
 def test_gpm_step_loss_is_gpm_loss_of_each_sequence_alone(gpm_step):

@@ -10,17 +10,16 @@ import pytest
 from flax import nnx
 
 from jaxpref.models import Decoder, RewardModel
-from jaxpref.models.packing import pack_sequences, prefix_shared_pairs
+from jaxpref.models.packing import pack_sequences
 from jaxpref.objectives import objective
 from jaxpref.sharding import make_mesh
 from jaxpref.train import build_step
 from jaxpref.train.batches import packed_batch, packed_rewards
 
-from .helpers import CONFIG, NUM_EXAMPLES, ROW_LENGTH, pair_batch, single_device_mesh
+from .helpers import CONFIG, NUM_EXAMPLES, ROW_LENGTH, marker_pairs, pair_batch, single_device_mesh
 
 BRADLEY_TERRY = objective("bradley_terry")
 OPTIMIZER = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.9)  # first update = -grad
-MARKER = CONFIG.vocab_size - 1  # the token that makes a response preferred in the learning test
 
 
 def fresh_model(seed: int = 0, num_labels: int = 1) -> RewardModel:
@@ -131,18 +130,6 @@ def test_sharded_step_equals_single_device(baseline, margin_batch):
     metrics, grads = first_step(reward_step(mesh=make_mesh(2, 2, 2)), margin_batch)
     assert_close(metrics, expected_metrics, atol=1e-5)
     assert_close(grads, expected_grads, atol=1e-5)
-
-
-def marker_pairs(rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
-    """Random prompts and responses; only the chosen responses contain MARKER (at a random place)."""
-    prompts, chosen, rejected = [], [], []
-    for _ in range(count):
-        prompts.append(rng.integers(1, MARKER, int(rng.integers(2, 6))))
-        rejected.append(rng.integers(1, MARKER, int(rng.integers(1, 5))))
-        good = rng.integers(1, MARKER, int(rng.integers(1, 5)))
-        good[rng.integers(len(good))] = MARKER
-        chosen.append(good)
-    return dict(prefix_shared_pairs(prompts, chosen, rejected, ROW_LENGTH)._asdict())
 
 
 def test_a_few_steps_learn_an_easy_preference():
