@@ -40,18 +40,12 @@ _DIFFUSION = {"diffusion-dpo": "dpo", "diffusion-kto": "kto", "flow-dpo": "flow-
 def _parser() -> argparse.ArgumentParser:
     from experiments.configs import GPM
     from jaxpref.objectives import PAIRWISE, REWARD, UNPAIRED
+    from jaxpref.overrides import add_override_argument
 
     parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set objective.beta=0.2 (repeatable)",
-    )
+    add_override_argument(common)
     common.add_argument(
         "--distributed",
         action="store_true",

@@ -58,15 +58,20 @@ def apply_overrides(config: T, assignments: Iterable[str]) -> T:
 def config_from_argv(default: T, description: str, argv: list[str] | None = None) -> T:
     """``default`` with the ``--set KEY=VALUE`` overrides of a script's command line (``argv``)."""
     parser = argparse.ArgumentParser(description=description)
+    add_override_argument(parser)
+    return apply_overrides(default, parser.parse_args(argv).overrides)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected in ``args.overrides``."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set seed=1 (repeatable)",
+        help="override a config field, e.g. --set objective.beta=0.2 (repeatable)",
     )
-    return apply_overrides(default, parser.parse_args(argv).overrides)
 
 
 def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
