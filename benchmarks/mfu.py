@@ -9,18 +9,24 @@ sequence per row, no prefix sharing, so the FLOP count below is the standard one
 Model FLOPs of one step, counted analytically (no remat recomputation counted, embedding lookups
 free), with ``T`` tokens per row and ``R`` response tokens per row:
 
-- per token and layer, the matmuls: ``2 * (q + k + v + o + gate + up + down parameters)``;
+- per token and layer, the matmuls: ``2 * (q + k + v + o + gate + up + down parameters)``, except
+  the last layer's ``o + gate + up + down``, counted only on the ``R`` tokens whose log-probs the LM
+  head reads (the other rows' outputs feed nothing, and the step skips them);
 - per row and layer, causal attention: ``4 * heads * head_dim * T (T + 1) / 2`` (QK^T and AV over
   the keys at or before each query);
 - the LM head on the tokens whose log-prob DPO needs: ``2 * hidden * vocab * R`` per row;
 - the policy costs 3x its forward (forward + backward), the reference 1x: 4x forward in all.
 
 MFU = model FLOPs / step time / the device's peak dense bf16 FLOP/s (datasheet figure; the table
-is below). On a CPU the script runs a small config and prints GFLOP/s only.
+is below). The step time is that of ``--steps`` steps dispatched back to back, as
+:func:`jaxpref.train.train` runs them (it reads a step's metrics once the next step is queued); the
+latency of one step waited for alone is printed beside it. On a CPU the script runs a small config
+and prints GFLOP/s only.
 
     python benchmarks/mfu.py                                  # 1B Llama on GPU/TPU, small on CPU
     python benchmarks/mfu.py --attention xla,cudnn --steps 10 # compare attention kernels in one run
     python benchmarks/mfu.py --config small --pairs 2
+    python benchmarks/mfu.py --attention cudnn --profile      # + the step's kernels, by time
 
 Before timing a cuDNN variant on a GPU, the script checks its logits against XLA's attention on
 the same weights (relative error, bf16).
@@ -29,8 +35,14 @@ the same weights (relative error, bf16).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import gzip
+import json
+import pathlib
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -106,13 +118,14 @@ def peak_flops(device) -> float | None:
 def step_flops(config: DecoderConfig, rows: int, tokens: int, response: int) -> float:
     """Model FLOPs of one DPO step (policy fwd + bwd, reference fwd) over ``rows`` rows."""
     hidden, head_dim = config.hidden_size, config.resolved_head_dim
-    q_and_o = 2 * hidden * config.num_heads * head_dim
-    k_and_v = 2 * hidden * config.num_kv_heads * head_dim
-    mlp = 3 * hidden * config.intermediate_size
-    layer_matmuls = 2 * (q_and_o + k_and_v + mlp) * tokens
-    attention = 4 * config.num_heads * head_dim * tokens * (tokens + 1) / 2
+    q_k_v = hidden * (config.num_heads + 2 * config.num_kv_heads) * head_dim  # parameters
+    o_and_mlp = hidden * config.num_heads * head_dim + 3 * hidden * config.intermediate_size
+    # The last layer's output projection and MLP count only on the LM head's rows: elsewhere their
+    # outputs feed nothing (and the step skips them).
+    layer_matmuls = 2 * (config.num_layers * (q_k_v + o_and_mlp) * tokens - o_and_mlp * (tokens - response))
+    attention = config.num_layers * 4 * config.num_heads * head_dim * tokens * (tokens + 1) / 2
     lm_head = 2 * hidden * config.vocab_size * response
-    forward = rows * (config.num_layers * (layer_matmuls + attention) + lm_head)
+    forward = rows * (layer_matmuls + attention + lm_head)
     return 4 * forward
 
 
@@ -177,17 +190,35 @@ def measure(config: DecoderConfig, batch: dict, args, rows: int, flops: float) -
     for _ in range(2):
         state, metrics = train_step(state, device_batch)
     jax.block_until_ready(metrics)
-    times = []
+    times = []  # latency: each step waited for before the next is dispatched
     for _ in range(args.steps):
         start = time.perf_counter()
         state, metrics = train_step(state, device_batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    # Throughput as jaxpref's `train` loop runs: the next step is dispatched before the last one's
+    # metrics are read, so the device never waits for the host between steps.
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = train_step(state, device_batch)
+    jax.block_until_ready(metrics["loss"])
+    seconds = (time.perf_counter() - start) / args.steps
+    if args.dump_hlo:
+        pathlib.Path(args.dump_hlo).write_text(train_step.lower(state, device_batch).compile().as_text())
+    if args.profile:
+        holder = [state]  # the step donates its state: each call passes on the new one
+
+        def run_step():
+            holder[0], step_metrics = train_step(holder[0], device_batch)
+            return step_metrics
+
+        print_kernel_times(run_step, steps=3)
+        state = holder[0]
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return dict(
         seconds=seconds,
+        latency=statistics.median(times),
         spread=(min(times), max(times)),
         compile_seconds=compile_seconds,
         first_loss=first_loss,
@@ -195,6 +226,38 @@ def measure(config: DecoderConfig, batch: dict, args, rows: int, flops: float) -
         tflops=flops / seconds / 1e12,
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
     )
+
+
+def print_kernel_times(run_step, steps: int, top: int = 30) -> None:
+    """Traces ``steps`` calls of ``run_step`` and prints the device kernels' time per step: by kind
+    (numbered fusions and GEMMs pooled under one name) and the longest single kernels."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(run_step())
+        (trace,) = pathlib.Path(folder).rglob("*.trace.json.gz")
+        events = json.load(gzip.open(trace))["traceEvents"]
+    # Device kernels live on the GPU's own process rows ("/device:GPU:0 ..."); host events elsewhere.
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"].get("name", "")
+    }
+    if not device_pids:
+        names = sorted({e["args"].get("name", "") for e in events if e.get("name") == "process_name"})
+        print(f"no device rows in the trace (processes: {names})")
+        return
+    by_kind, by_kernel = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e:
+            by_kernel[e["name"]] += e["dur"] / steps / 1e3
+            by_kind[re.sub(r"[._]\d+$", "", e["name"])[:60]] += e["dur"] / steps / 1e3
+    print(f"device kernels: {sum(by_kernel.values()):.1f} ms per step (summed over streams)")
+    for name, ms in by_kind.most_common(top):
+        print(f"  {ms:8.2f} ms  {name}")
+    print("longest kernels:")
+    for name, ms in by_kernel.most_common(top):
+        print(f"  {ms:8.2f} ms  {name[:100]}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -212,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--attention", default="auto", help="comma-separated: auto, xla, cudnn")
     parser.add_argument("--remat", default="false", help="comma-separated: false, true")
     parser.add_argument("--chunk-size", type=int, default=4096, help="LM-head tokens per chunk")
+    parser.add_argument("--profile", action="store_true", help="print the step's device kernels by time")
+    parser.add_argument("--dump-hlo", metavar="FILE", help="write the compiled step's HLO text to FILE")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -253,7 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             mfu = "" if result["mfu"] is None else f"  MFU {100 * result['mfu']:.1f}%"
             print(
                 f"attention {attention:>5} remat {remat:>5}: step {1e3 * result['seconds']:.1f} ms "
-                f"(min {1e3 * result['spread'][0]:.1f}, max {1e3 * result['spread'][1]:.1f}), "
+                f"(steps back to back; one step waited for: median {1e3 * result['latency']:.1f}, min "
+                f"{1e3 * result['spread'][0]:.1f}, max {1e3 * result['spread'][1]:.1f}), "
                 f"{result['tokens_per_s']:.0f} tok/s, {result['tflops']:.1f} TFLOP/s{mfu}, "
                 f"peak memory {result['peak_gib']:.1f} GiB, loss {result['first_loss']:.6f} -> "
                 f"{result['last_loss']:.6f}, compile {result['compile_seconds']:.0f} s",

@@ -2,8 +2,10 @@
 
 With a 128k vocabulary, the float32 logits of 4 x 2048 tokens take 4 GiB, and their backward pass
 several times that. Here the LM head runs on chunks of ``chunk_size`` tokens (and optionally of
-``vocab_chunk_size`` vocabulary entries, combined by an online logsumexp); each chunk sits under
-:func:`jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of storing them.
+``vocab_chunk_size`` vocabulary entries, combined by an online logsumexp); the backward pass
+recomputes a chunk's logits instead of storing them (a custom VJP that keeps each token's logsumexp
+for the plain log-probs, :func:`jax.checkpoint` for vocabulary slices and statistics), and feeds
+their cotangent to the matmuls in the compute dtype.
 At most one chunk of logits ``[chunk_size, vocab_chunk_size or vocab]`` is alive at a time, forward
 or backward: XLA's scratch memory for forward + backward is about 1.3 chunks of float32 logits plus
 the unembedding's gradient (vocabulary slices add about two unembedding-sized accumulators).
@@ -63,13 +65,86 @@ def _check_positive_int(name: str, value, optional: bool = False) -> None:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
+def _unembedding_cotangents(
+    hidden: Array,  # [chunk, hidden]
+    kernel: Array,  # [hidden, vocab_slice]
+    d_logits: Array,  # [chunk, vocab_slice] float32
+) -> tuple[Array, Array]:  # d_hidden [chunk, hidden], d_kernel [hidden, vocab_slice]
+    """The two backward matmuls of ``logits = hidden @ kernel``."""
+    # The float32 cotangent enters the matmuls in the forward's operand dtype (bfloat16 in mixed
+    # precision, as autocast does): left float32, it would promote them to float32 matmuls, at a
+    # fraction of the bfloat16 rate and twice the bytes of the largest tensor of the step.
+    d_logits = d_logits.astype(jnp.result_type(hidden, kernel))
+    d_hidden = jnp.dot(d_logits, kernel.T, preferred_element_type=jnp.float32)
+    d_kernel = jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_kernel.astype(kernel.dtype)
+
+
+@jax.custom_vjp
+def _logits(
+    hidden: Array,  # [chunk, hidden]
+    kernel: Array,  # [hidden, vocab_slice]
+) -> Array:  # [chunk, vocab_slice] float32
+    return jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+
+
+_logits.defvjp(
+    lambda hidden, kernel: (_logits(hidden, kernel), (hidden, kernel)),
+    lambda residuals, d_logits: _unembedding_cotangents(*residuals, d_logits),
+)
+
+
+def _target_logps_and_logsumexp(
+    hidden: Array,  # [chunk, hidden]
+    kernel: Array,  # [hidden, vocab]
+    targets: Array,  # [chunk]
+) -> tuple[Array, Array]:  # log p(target) [chunk], logsumexp of the logits [chunk]
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)  # [chunk, vocab]
+    row_max = logits.max(axis=-1)
+    log_sum_exp = row_max + jnp.log(jnp.exp(logits - row_max[:, None]).sum(axis=-1))
+    # A one-hot select, not take_along_axis: it fuses into the reductions' pass over the logits.
+    target = jnp.where(jnp.arange(kernel.shape[1]) == targets[:, None], logits, 0.0).sum(axis=-1)
+    return target - log_sum_exp, log_sum_exp
+
+
+@jax.custom_vjp
+def _target_logps(
+    hidden: Array,  # [chunk, hidden]
+    kernel: Array,  # [hidden, vocab]
+    targets: Array,  # [chunk]
+) -> Array:  # [chunk] float32
+    """``log softmax(hidden @ kernel)[targets]`` over the whole vocabulary at once.
+
+    Its backward pass keeps only the logsumexp per token from the forward, recomputes the logits
+    once, and turns them into ``d_logits = g (onehot - softmax)`` in a single pass: no second
+    max/sum over the vocabulary, as plain autodiff under a checkpoint would do.
+    """
+    return _target_logps_and_logsumexp(hidden, kernel, targets)[0]
+
+
+def _target_logps_forward(hidden: Array, kernel: Array, targets: Array):
+    logps, log_sum_exp = _target_logps_and_logsumexp(hidden, kernel, targets)
+    return logps, (hidden, kernel, targets, log_sum_exp)
+
+
+def _target_logps_backward(residuals, d_logps: Array):
+    hidden, kernel, targets, log_sum_exp = residuals
+    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)  # [chunk, vocab]
+    is_target = jnp.arange(kernel.shape[1]) == targets[:, None]
+    d_logits = d_logps[:, None] * (is_target - jnp.exp(logits - log_sum_exp[:, None]))
+    return (*_unembedding_cotangents(hidden, kernel, d_logits), None)
+
+
+_target_logps.defvjp(_target_logps_forward, _target_logps_backward)
+
+
 def _vocab_slice_state(
     hidden: Array,  # [chunk, hidden]
     kernel: Array,  # [hidden, vocab_slice]
     targets: Array,  # [chunk], relative to the slice's first vocabulary entry
     with_stats: bool,
 ) -> _Running:
-    logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)  # [chunk, vocab_slice]
+    logits = _logits(hidden, kernel)  # [chunk, vocab_slice] float32
     row_max = jax.lax.stop_gradient(logits.max(axis=-1))
     exp = jnp.exp(logits - row_max[:, None])
     # A one-hot select, not take_along_axis: its gradient fuses into the logits' gradient instead of
@@ -115,6 +190,14 @@ def _chunked_token_outputs(
     # (sliced in place, no stacked copy of the unembedding), and a remainder slice gets its own
     # static shape, so no padded logits need masking.
     vocab_chunk = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+    if vocab_chunk == vocab and not with_stats:
+        # The common case has its own backward pass (_target_logps) that keeps only per-token
+        # state: no checkpoint, which would run the chunk's forward a second time.
+        logps = jax.lax.map(
+            lambda chunk_args: _target_logps(chunk_args[0], unembedding, chunk_args[1]),
+            (hidden_chunks, target_chunks),
+        )  # [num_chunks, chunk]
+        return (logps.reshape(-1)[:num_tokens],)
     num_full = vocab // vocab_chunk
     rest_start = num_full * vocab_chunk
     slice_state = functools.partial(_vocab_slice_state, with_stats=with_stats)

@@ -160,7 +160,7 @@ def _largest_intermediate(fn, *args) -> int:
                     sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                     if hasattr(sub, "eqns"):
                         sizes.append(walk(sub))
-        return max(sizes)
+        return max(sizes, default=0)
 
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
@@ -175,10 +175,55 @@ def test_backward_never_holds_full_logits():
         return jax.grad(lambda h, w: logps_fn(h, w).sum(), argnums=(0, 1))
 
     naive = grad_fn(lambda h, w: naive_outputs(h, w, targets)[0])
-    chunked = grad_fn(lambda h, w: token_logps_from_hidden(h, w, targets, chunk_size=8, vocab_chunk_size=32))
     half_the_logits = tokens * vocab // 2
     assert _largest_intermediate(naive, hidden, unembedding) >= tokens * vocab  # the probe sees them
-    assert _largest_intermediate(chunked, hidden, unembedding) < half_the_logits
+    for vocab_chunk_size in (None, 32):  # the custom-VJP path and the checkpointed vocabulary slices
+        chunked = grad_fn(
+            lambda h, w: token_logps_from_hidden(h, w, targets, chunk_size=8, vocab_chunk_size=vocab_chunk_size)
+        )
+        assert _largest_intermediate(chunked, hidden, unembedding) < half_the_logits
+
+
+def _dot_operand_dtypes(fn, *args) -> set[tuple[str, ...]]:
+    """The operand dtypes of every matmul in ``fn``'s jaxpr, sub-jaxprs included."""
+
+    def walk(jaxpr):
+        found = set()
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        found |= walk(sub)
+        return found
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("vocab_chunk_size, return_stats", [(None, False), (32, False), (None, True)])
+def test_mixed_precision_backward_runs_bfloat16_matmuls(vocab_chunk_size, return_stats):
+    """bfloat16 operands: every LM-head matmul, backward included, multiplies bfloat16 by bfloat16
+    (a float32 cotangent would promote the backward ones to float32), and the gradients stay
+    within bfloat16 rounding of the float32 ones."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    hidden = jax.random.normal(keys[0], (2, 12, 16))
+    unembedding = jax.random.normal(keys[1], (16, 97)) / 4
+    targets = jax.random.randint(keys[2], (2, 12), 0, 97)
+
+    def loss(h, w):
+        outputs = token_logps_from_hidden(
+            h, w, targets, chunk_size=8, vocab_chunk_size=vocab_chunk_size, return_stats=return_stats
+        )
+        return sum(x.sum() for x in jax.tree.leaves(outputs))
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    low = (hidden.astype(jnp.bfloat16), unembedding.astype(jnp.bfloat16))
+    assert _dot_operand_dtypes(jax.grad(loss, argnums=(0, 1)), *low) == {("bfloat16", "bfloat16")}
+    for actual, expected in zip(grad_fn(*low), grad_fn(hidden, unembedding)):
+        actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+        assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 2e-2
 
 
 def test_completion_logps_uses_predictor_index():
