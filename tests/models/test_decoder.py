@@ -113,6 +113,23 @@ def test_blocked_attention_matches_dense_attention(num_blocks):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_blocked_attention_in_bfloat16_stays_near_float32():
+    # The written-out backward pass keeps each input's dtype and rounds like the forward.
+    rng = np.random.default_rng(1)
+    q32, k32, v32 = (jnp.asarray(rng.standard_normal((2, 12, 4, 8)), jnp.float32) for _ in range(3))
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((12, 12), bool)), (2, 1, 12, 12))
+
+    def loss(q, k, v):
+        return jnp.sum(blocked_causal_attention(q, k, v, visible, 3).astype(jnp.float32) ** 2)
+
+    grads32 = jax.grad(loss, (0, 1, 2))(q32, k32, v32)
+    grads16 = jax.grad(loss, (0, 1, 2))(*(x.astype(jnp.bfloat16) for x in (q32, k32, v32)))
+    for low, high in zip(grads16, grads32):
+        assert low.dtype == jnp.bfloat16
+        low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        assert np.linalg.norm(low - high) / np.linalg.norm(high) < 3e-2
+
+
 def test_output_rows_are_the_full_pass_rows():
     # The last layer's projection and MLP on the chosen tokens only: the same states, the same
     # gradients (remat on, to cover the checkpointed layer too).
