@@ -6,9 +6,10 @@ several times that. Here the LM head runs on chunks of ``chunk_size`` tokens (an
 recomputes a chunk's logits instead of storing them (a custom VJP that keeps each token's logsumexp
 for the plain log-probs, :func:`jax.checkpoint` for vocabulary slices and statistics), and feeds
 their cotangent to the matmuls in the compute dtype.
-At most one chunk of logits ``[chunk_size, vocab_chunk_size or vocab]`` is alive at a time, forward
-or backward: XLA's scratch memory for forward + backward is about 1.3 chunks of float32 logits plus
-the unembedding's gradient (vocabulary slices add about two unembedding-sized accumulators).
+One chunk's logits ``[chunk_size, vocab_chunk_size or vocab]`` are alive at a time, forward or
+backward: XLA's scratch memory for forward + backward is under 3 chunks of float32 logits plus the
+unembedding's gradient (the backward pass holds a chunk's logits and their cotangent together;
+vocabulary slices add about two unembedding-sized accumulators).
 
 Two levels:
 
