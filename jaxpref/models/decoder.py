@@ -488,6 +488,8 @@ def _head_major_attention_fwd(q, k, v, visible, num_blocks):
 def _head_major_attention_bwd(num_blocks, residuals, d_out):
     q, k, v, visible, block_probs = residuals
     batch, kv_heads, groups, seq, head_dim = q.shape
+    # Key and value gradients contract a block's rows: [rows, keys]^T [rows, head_dim].
+    contract_rows = functools.partial(jnp.einsum, "bkqs,bkqd->bksd", preferred_element_type=jnp.float32)
     d_q_blocks = []
     d_k = jnp.zeros(k.shape, jnp.float32)
     d_v = jnp.zeros(v.shape, jnp.float32)
@@ -503,7 +505,6 @@ def _head_major_attention_bwd(num_blocks, residuals, d_out):
         d_scores = d_scores.reshape(batch, kv_heads, rows, end).astype(q.dtype)
         d_q = jnp.einsum("bkqs,bksd->bkqd", d_scores, k[:, :, :end], preferred_element_type=jnp.float32)
         d_q_blocks.append(d_q.reshape(batch, kv_heads, groups, end - start, head_dim))
-        contract_rows = functools.partial(jnp.einsum, "bkqs,bkqd->bksd", preferred_element_type=jnp.float32)
         d_k = d_k.at[:, :, :end].add(contract_rows(d_scores, q_block))
         d_v = d_v.at[:, :, :end].add(contract_rows(probs, d_block))
     d_q = jnp.concatenate(d_q_blocks, axis=3).astype(q.dtype)
