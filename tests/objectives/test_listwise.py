@@ -1,7 +1,7 @@
 """Listwise objectives against float64 NumPy references written from the papers' formulas.
 
 Also: jit/vmap against eager, gradients against finite differences, masks (padding is invisible),
-deterministic ties, the K = 2 reductions to DPO / IPO and input errors.
+deterministic ties, the K = 2 reductions to DPO / IPO / SimPO and input errors.
 """
 
 import math
@@ -454,12 +454,24 @@ def two_responses():
             "ref_logps": listwise["ref_logps"],
             "chosen": one_each,
         }
+        pro_inputs = {"policy_logps": listwise["policy_logps"], "lengths": lengths, "scores": listwise["scores"]}
+        # PRO's score temperature for K = 2 is 1/T = score gap on both terms: DPO's logits times the gap.
+        gap = listwise["scores"][:, 0] - listwise["scores"][:, 1]
+        gap_scaled = {
+            **pairwise,
+            "policy_chosen_logps": gap * pairwise["policy_chosen_logps"],
+            "policy_rejected_logps": gap * pairwise["policy_rejected_logps"],
+        }
         return {
             "listwise": [listwise_loss(name, **listwise, beta=BETA, **hp)[0] for name, hp in DPO_REDUCTIONS],
             "dpo": pairwise_loss("sigmoid", **pairwise, beta=BETA)[0],
             "ipo": pairwise_loss("ipo", **pairwise, beta=BETA)[0],
             "mdpo": mdpo_loss(**group, beta=BETA)[0],
             "mipo": mipo_loss(**group, lengths=lengths, beta=BETA)[0],
+            "pro": pro_loss(**pro_inputs, sft_weight=0.0, score_temperature=False)[0],
+            "pro_tempered": pro_loss(**pro_inputs, sft_weight=0.0)[0],
+            "simpo": pairwise_loss("simpo", **pairwise, beta=1.0, gamma=0.0)[0],
+            "simpo_gap_scaled": pairwise_loss("simpo", **gap_scaled, beta=1.0, gamma=0.0)[0],
         }
 
     return scores, losses(to_jax(listwise), to_jax(pairwise), jnp.asarray(lengths, jnp.float32))
@@ -473,6 +485,13 @@ def test_two_responses_reduce_to_dpo(two_responses):
         expected = (lambda_weight if weighted else 1.0) * np.asarray(losses["dpo"])
         assert_close(listwise, expected, err_msg=f"{name} {hparams}")
     assert_close(losses["mdpo"], losses["dpo"])  # one chosen, one rejected
+
+
+def test_pro_of_two_responses_is_reference_free_simpo(two_responses):
+    """PRO has no reference model: K = 2 gives SimPO (beta = 1, gamma = 0), not DPO."""
+    _, losses = two_responses
+    assert_close(losses["pro"], losses["simpo"])
+    assert_close(losses["pro_tempered"], losses["simpo_gap_scaled"])
 
 
 def test_one_chosen_and_one_rejected_reduce_to_ipo(two_responses):

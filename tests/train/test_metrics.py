@@ -34,7 +34,17 @@ def test_resumed_writer_appends_and_plots_the_whole_run(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 2]
 
 
-def test_progress_bar_shows_loss_and_throughput():
-    bar = ProgressBar(num_steps=2, disable=True)
+def test_progress_bar_shows_loss_and_throughput(capsys):
+    bar = ProgressBar(num_steps=3, initial_step=1)  # resumed at step 1
     bar.update({"loss": 0.5, "tokens_per_second": 100.0})
+    bar.update({"loss": 0.25, "tokens_per_second": 123.4})
     bar.close()
+    final = capsys.readouterr().err.split("\r")[-1]  # tqdm redraws the line in place
+    assert "3/3" in final and "loss=0.2500" in final and "tokens_per_s=123" in final, final
+
+
+def test_disabled_progress_bar_prints_nothing(capsys):
+    bar = ProgressBar(num_steps=2, disable=True)
+    bar.update({"loss": 0.5})
+    bar.close()
+    assert capsys.readouterr() == ("", "")
