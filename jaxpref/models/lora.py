@@ -408,9 +408,12 @@ def load_adapters(model: M, path: str | os.PathLike) -> M:
     config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
     settings = _adapter_settings(model)
     for key in ("r", "lora_alpha", "target_modules"):
-        if config[key] != settings[key]:
+        value = config[key]
+        if isinstance(value, list):  # PEFT writes target_modules (a set) in no fixed order
+            value = sorted(value)
+        if value != settings[key]:
             raise ValueError(
-                f"{folder / ADAPTER_CONFIG_FILE} has {key}={config[key]!r} but `model` has {settings[key]!r}; "
+                f"{folder / ADAPTER_CONFIG_FILE} has {key}={value!r} but `model` has {settings[key]!r}; "
                 "apply_lora with the settings the adapters were trained with."
             )
     tensors = load_file(folder / ADAPTER_WEIGHTS_FILE)

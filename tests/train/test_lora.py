@@ -1,9 +1,9 @@
 """LoRA and QLoRA (jaxpref.models.lora) in the train step: DPO starts at exactly ln 2 against the
 base, only adapters are trained and held by the optimizer, the base stays bit-identical, the
-reference (in the step and cached) is the base, adapters round-trip alone, the merged export loads
-in `transformers` with our merged model's logits, a (2, 2, 2) mesh gives the single-device step,
-int8 stays close to the float base, and `jaxpref dpo --set lora.rank=...` writes adapters and
-merged weights."""
+reference (in the step and cached) is the base, adapters round-trip alone and through `peft` (with our
+adapted logits over the base in `transformers`), the merged export loads in `transformers` with our
+merged model's logits, a (2, 2, 2) mesh gives the single-device step, int8 stays close to the float
+base, and `jaxpref dpo --set lora.rank=...` writes adapters and merged weights."""
 
 import json
 import math
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
 import pytest
 import torch
 import transformers
@@ -22,12 +23,14 @@ from jaxpref.cli import main
 from jaxpref.data.synthetic import SortingTask, sft_rows, write_jsonl
 from jaxpref.models import Decoder, RewardModel, from_pretrained, save_pretrained
 from jaxpref.models.lora import (
+    DEFAULT_TARGETS,
     LoRALinear,
     LoRAParam,
     adapter_parameter_count,
     apply_lora,
     base_view,
     load_adapters,
+    lora_layers,
     merge_lora,
     save_adapters,
     train_view,
@@ -155,6 +158,31 @@ def test_adapter_only_checkpoints_round_trip(qlora_run, tmp_path):
             apply_lora(Decoder(CONFIG, rngs=nnx.Rngs(0)), rank=2, targets="q_proj|v_proj"),
             tmp_path / "adapter",
         )
+
+
+def test_adapters_load_in_peft_with_our_logits_and_back(tmp_path):
+    """save_adapters' files, loaded by peft.PeftModel.from_pretrained over the base exported to
+    `transformers`, give our adapted logits; the files PEFT then writes load back with load_adapters."""
+    model = lora_model(targets=DEFAULT_TARGETS)  # every projection: each PEFT module name is checked
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(model):  # random B (apply_lora starts at B = 0), so adapters matter
+        layer.lora_b[...] = jnp.asarray(rng.normal(0.0, 0.1, layer.lora_b.shape), jnp.float32)
+    ours = logits(model)
+    save_pretrained(Decoder(CONFIG, rngs=nnx.Rngs(0)), tmp_path / "base")  # lora_model's base weights
+    save_adapters(model, tmp_path / "adapter")
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    ids = torch.from_numpy(IDS).long()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits.float().numpy()
+        with peft_model.disable_adapter():
+            their_base = peft_model(input_ids=ids).logits.float().numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # PEFT applied the adapters: they move the logits by 1000x the tolerance (0.42 measured).
+    assert np.abs(theirs - their_base).max() > 0.1
+    peft_model.save_pretrained(tmp_path / "peft")
+    reloaded = load_adapters(lora_model(targets=DEFAULT_TARGETS, seed=1), tmp_path / "peft")
+    np.testing.assert_array_equal(logits(reloaded), ours)
 
 
 def test_merged_export_loads_in_transformers_with_our_merged_logits(qlora_run, tmp_path):
