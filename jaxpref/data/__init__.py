@@ -48,10 +48,13 @@ Sequences, rows and extra keys by layout:
   not); KTO's KL sequences (prompt ``i`` with the completion of example ``i - 1``, cyclically, as
   TRL) as a second PackedBatch under the same names prefixed ``"kl_"`` (``"kl_input_ids"``, ...;
   ``packed_batch(batch, "kl_")``), with its own bucket ``L``.
-- ranked: ``rows = num_sequences = K * B`` with ``K`` the most responses of any row; sequence
-  ``k * B + b`` is response ``k`` of example ``b`` (so per-sequence sums ``.reshape(K, B).T`` are
-  ``[B, K]``); ``"scores"`` ``[B, K]`` float32 and ``"response_mask"`` ``[B, K]`` bool (False for
-  the placeholder sequences of rows with fewer responses; their scores are 0).
+- ranked, prefix-shared (default): ``rows = B``, one ``prompt | response 1 | ... | response K`` row
+  per prompt (``prefix_shared_groups``), ``K`` the most responses of any row; ``num_sequences =
+  K * B``, sequence ``k * B + b`` response ``k`` of example ``b`` (so per-sequence sums
+  ``.reshape(K, B).T`` are ``[B, K]``); ``"scores"`` ``[B, K]`` float32 and ``"response_mask"``
+  ``[B, K]`` bool (False for the empty sequences of rows with fewer responses; their scores are 0).
+- ranked, ``prefix_sharing=False``: ``rows = num_sequences = K * B``, same order, a missing
+  response a one-pad-token placeholder sequence.
 
 ``completion_mask`` is 1 exactly on response tokens (EOS included); with ``pack_sequences`` several
 short sequences may share a row, and trailing rows may be all padding (``segment_ids == 0``).

@@ -22,7 +22,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxpref.models.packing import PackedBatch, pack_sequences, prefix_shared_pairs
+from jaxpref.models.packing import PackedBatch, pack_sequences, prefix_shared_groups, prefix_shared_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def make_loader(
 
     Args:
       batch_size: examples per batch on this host (pairs, prompts or completions).
-      prefix_sharing: for pairwise data, one ``prompt | chosen | rejected`` row per pair; otherwise
-        each sequence in its own segment (``pack_sequences``).
+      prefix_sharing: for pairwise data, one ``prompt | chosen | rejected`` row per pair, for ranked
+        data one ``prompt | response 1 | ... | response K`` row per prompt; otherwise each sequence
+        in its own row (``pack_sequences``).
       seed, shuffle, num_epochs: the record order; ``num_epochs=None`` repeats forever.
       row_length: the longest row; by default the longest the data needs (a ValueError if smaller).
       buckets: shorter row lengths also used, each batch taking the shortest that fits it.
@@ -81,7 +82,7 @@ def make_loader(
     layout, stats = metadata["layout"], metadata["stats"]
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    shared = prefix_sharing and layout == "pairwise"
+    shared = prefix_sharing and layout in ("pairwise", "ranked")
     needed = stats["max_shared_length"] if shared else stats["max_sequence_length"]
     row_lengths = _row_lengths(needed if row_length is None else row_length, buckets, needed)
     shard_index = jax.process_index() if shard_index is None else shard_index
@@ -188,7 +189,7 @@ class _Collate:
     """Records -> one batch dict, by layout."""
 
     layout: str
-    shared: bool  # pairwise rows with prefix sharing
+    shared: bool  # pairwise and ranked rows with prefix sharing
     row_lengths: tuple[int, ...]
     pad_id: int
     kl_limit: int  # longest KTO KL sequence
@@ -254,16 +255,28 @@ class _Collate:
         return self.pack(list(zip(prompts, completions))) | self.pack(kl, prefix="kl_") | {"labels": labels}
 
     def ranked(self, records: Sequence[Record]) -> Batch:
-        # Sequence k * B + b is response k of example b; a missing response is a placeholder
-        # sequence (one pad token, nothing scored) so that shapes stay fixed.
+        # Sequence k * B + b is response k of example b. Shared: one row per prompt, a missing
+        # response an empty segment; otherwise a missing response is a placeholder sequence (one
+        # pad token, nothing scored). Either way shapes stay fixed.
         batch_size = len(records)
-        placeholder = (np.array([self.pad_id], np.int32), np.zeros(0, np.int32))
-        sequences = [placeholder] * (self.num_responses * batch_size)
         scores = np.zeros((batch_size, self.num_responses), np.float32)
         response_mask = np.zeros((batch_size, self.num_responses), bool)
         for b, record in enumerate(records):
-            for k, response in enumerate(_responses(record)):
-                sequences[k * batch_size + b] = (record["prompt_ids"], response)
             count = len(record["response_lengths"])
             scores[b, :count], response_mask[b, :count] = record["scores"], True
-        return self.pack(sequences) | {"scores": scores, "response_mask": response_mask}
+        lists = {"scores": scores, "response_mask": response_mask}
+        if self.shared:
+            prompts = [record["prompt_ids"] for record in records]
+            responses = [_responses(record) for record in records]
+            needed = max(len(p) + sum(map(len, r)) for p, r in zip(prompts, responses))
+            packed = prefix_shared_groups(
+                prompts, responses, _bucket(self.row_lengths, needed), num_responses=self.num_responses,
+                pad_id=self.pad_id,
+            )  # fmt: skip
+            return packed._asdict() | lists
+        placeholder = (np.array([self.pad_id], np.int32), np.zeros(0, np.int32))
+        sequences = [placeholder] * (self.num_responses * batch_size)
+        for b, record in enumerate(records):
+            for k, response in enumerate(_responses(record)):
+                sequences[k * batch_size + b] = (record["prompt_ids"], response)
+        return self.pack(sequences) | lists

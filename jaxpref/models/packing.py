@@ -7,7 +7,8 @@ which is also a pytree that jitted functions accept.
 - :func:`pack_sequences` puts several sequences in each row, one segment each (first-fit
   decreasing), to cut padding.
 - :func:`prefix_shared_pairs` puts a preference pair in one row, ``prompt | chosen | rejected``,
-  so the prompt is computed once for both responses.
+  so the prompt is computed once for both responses; :func:`prefix_shared_groups` does the same
+  for K responses.
 
 Either way ``sequence_logps(model, batch.input_ids, batch.completion_mask, **batch.layout())``
 gives token log-probs and ``batch.sequence_sums(token_logps)`` the per-sequence sums.
@@ -243,34 +244,69 @@ def prefix_shared_pairs(
         chosen_logps, rejected_logps = jnp.split(batch.sequence_sums(token_logps), 2)
         chosen_lengths, rejected_lengths = jnp.split(batch.sequence_sums(batch.completion_mask), 2)
     """
+    sides = {name: _as_token_lists(name, ids) for name, ids in (("chosen_ids", chosen_ids), ("rejected_ids", rejected_ids))}
+    for name, values in sides.items():
+        if len(values) != len(prompt_ids):
+            raise ValueError(
+                f"`{name}` has {len(values)} entries but `prompt_ids` has {len(prompt_ids)}; they must match."
+            )
+    responses = list(zip(*sides.values()))
+    return prefix_shared_groups(prompt_ids, responses, row_length, num_responses=2, pad_id=pad_id)
+
+
+def prefix_shared_groups(
+    prompt_ids: Sequence[TokenIds],
+    response_ids: Sequence[Sequence[TokenIds]],
+    row_length: int,
+    *,
+    num_responses: int | None = None,
+    pad_id: int = 0,
+) -> PackedBatch:
+    """One row per prompt, ``prompt | response 1 | ... | response K | padding``, sharing the prompt.
+
+    :func:`prefix_shared_pairs` for K responses: response ``k`` is segment ``k + 2`` with prefix
+    segment 1, continuing the prompt's positions, its first token predicted by the last prompt
+    token, so each log-prob equals that of ``prompt | response`` alone. Sequence ``k * B + b`` is
+    response ``k`` of prompt ``b`` (``sequence_sums(...).reshape(K, B).T`` is ``[B, K]``). Prompts
+    with fewer than ``num_responses`` (default: the most any prompt has) responses get empty
+    sequences in the missing slots (sums 0; mask them out).
+
+    >>> batch = prefix_shared_groups([[5, 6]], [[[7], [8, 9], [3]]], row_length=7)
+    >>> batch.input_ids, batch.segment_ids
+    (array([[5, 6, 7, 8, 9, 3, 0]], dtype=int32), array([[1, 1, 2, 3, 3, 4, 0]], dtype=int32))
+    >>> batch.predictor_index  # every response's first token is predicted by the prompt's last
+    array([[-1,  0,  1,  1,  3,  1, -1]], dtype=int32)
+    """
     _check_row_length(row_length)
     prompts = _as_token_lists("prompt_ids", prompt_ids)
-    chosen = _as_token_lists("chosen_ids", chosen_ids)
-    rejected = _as_token_lists("rejected_ids", rejected_ids)
-    for name, values in (("chosen_ids", chosen), ("rejected_ids", rejected)):
-        if len(values) != len(prompts):
-            raise ValueError(
-                f"`{name}` has {len(values)} entries but `prompt_ids` has {len(prompts)}; they must match."
-            )
-    num_pairs = len(prompts)
-    arrays = _empty_rows(num_pairs, row_length, pad_id, with_prefix=True)
-    for i, (prompt, good, bad) in enumerate(zip(prompts, chosen, rejected)):
+    if len(response_ids) != len(prompts):
+        raise ValueError(
+            f"`response_ids` has {len(response_ids)} entries but `prompt_ids` has {len(prompts)}; they must match."
+        )
+    groups = [_as_token_lists(f"response_ids[{i}]", responses) for i, responses in enumerate(response_ids)]
+    most = max((len(g) for g in groups), default=0)
+    num_responses = most if num_responses is None else num_responses
+    if most > num_responses:
+        raise ValueError(f"A prompt has {most} responses, more than `num_responses`={num_responses}.")
+    num_prompts = len(prompts)
+    arrays = _empty_rows(num_prompts, row_length, pad_id, with_prefix=True)
+    for i, (prompt, responses) in enumerate(zip(prompts, groups)):
         if len(prompt) == 0:
             raise ValueError(f"`prompt_ids[{i}]` is empty; the first response token needs a prompt token.")
-        total = len(prompt) + len(good) + len(bad)
+        total = len(prompt) + sum(len(r) for r in responses)
         if total > row_length:
+            lengths = " + ".join(str(len(r)) for r in responses)
             raise ValueError(
-                f"Pair {i} needs {len(prompt)} prompt + {len(good)} chosen + {len(bad)} rejected = {total} "
-                f"tokens, more than `row_length`={row_length}."
+                f"Prompt {i} needs {len(prompt)} prompt + {lengths} response tokens = {total}, more than "
+                f"`row_length`={row_length}."
             )
-        last_prompt = len(prompt) - 1
         end = _write_segment(arrays, i, 0, prompt, np.zeros(len(prompt)), segment=1)
-        response = dict(first_position=len(prompt), first_predictor=last_prompt, prefix_segment=1)
-        end = _write_segment(arrays, i, end, good, np.ones(len(good)), segment=2, **response)
-        _write_segment(arrays, i, end, bad, np.ones(len(bad)), segment=3, **response)
-    pairs = np.arange(num_pairs, dtype=np.int32)
+        response = dict(first_position=len(prompt), first_predictor=len(prompt) - 1, prefix_segment=1)
+        for k, tokens in enumerate(responses):
+            end = _write_segment(arrays, i, end, tokens, np.ones(len(tokens)), segment=k + 2, **response)
+    rows = np.arange(num_prompts, dtype=np.int32)
     return PackedBatch(
         **arrays,
-        sequence_rows=np.concatenate([pairs, pairs]),
-        sequence_segments=np.repeat(np.array([2, 3], np.int32), num_pairs),
+        sequence_rows=np.tile(rows, num_responses),
+        sequence_segments=np.repeat(np.arange(2, num_responses + 2, dtype=np.int32), num_prompts),
     )

@@ -23,11 +23,16 @@ A batch is a dict of NumPy arrays with fixed shapes (so the step compiles once):
   ``[B]`` arrays ``margin`` and ``target_probability``, and ``[B, attributes]`` ratings
   ``chosen_ratings`` / ``rejected_ratings`` (NaN where missing, as the loader gives them), go to
   the objective (:mod:`jaxpref.objectives.reward`; ``experiments.reward``'s multi-objective heads).
+- **listwise** (ranked lists): ``K * B`` sequences, sequence ``k * B + b`` response ``k`` of
+  example ``b``; ``scores`` and ``response_mask`` ``[B, K]``; ``ref_logps`` ``[B, K]`` when precomputed.
+
+Which keys a kind of training needs and what it makes of them is its family's business
+(:mod:`jaxpref.train.families`); this module only lays batches out and splits them.
 
 Gradient accumulation over ``A`` microbatches splits rows and examples *strided*: microbatch
 ``k`` holds rows ``k, k + A, ...`` and examples ``k, k + A, ...``, so a batch sharded by rows over
 the devices gives every microbatch an equal share of every device's rows (no resharding). For
-pairwise, reward and unpaired data every sequence of example ``i`` must therefore lie in a row
+data with sequences (all but SFT) every sequence of example ``i`` must therefore lie in a row
 ``r`` with ``r % A == i % A`` (one row per pair, as ``prefix_shared_pairs`` builds, always satisfies
 this); :func:`check_microbatches` verifies it on the host. SFT losses are token sums, so SFT rows
 may hold any sequences.
@@ -51,25 +56,10 @@ from jaxpref.sharding import LOGICAL_AXIS_RULES, logical_sharding
 
 Array = jax.Array
 
-FAMILIES = ("pairwise", "unpaired", "sft", "reward")
 KL_PREFIX = "kl_"
 LAYOUT_FIELDS = ("positions", "segment_ids", "prefix_segment_ids", "predictor_index")  # sequence_logps kwargs
 ROW_FIELDS = ("input_ids", "completion_mask", *LAYOUT_FIELDS)
 SEQUENCE_FIELDS = ("sequence_rows", "sequence_segments")
-# Reference log-prob keys of each family, in sequence order (chosen before rejected).
-REFERENCE_KEYS = {"pairwise": ("ref_chosen_logps", "ref_rejected_logps"), "unpaired": ("ref_logps",)}
-# Per-example arrays a batch may carry for a family's objective, passed on under the same names.
-OPTIONAL_KEYS = {"reward": ("margin", "target_probability", "chosen_ratings", "rejected_ratings")}
-
-
-def check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"`family`={family!r} must be one of {FAMILIES}.")
-
-
-def sequence_groups(family: str) -> int:
-    """How many sequences each example has: 2 for pairs (chosen, rejected), else 1."""
-    return 2 if family in ("pairwise", "reward") else 1
 
 
 def sub_batch(batch: Mapping[str, Array], prefix: str) -> dict[str, Array]:
@@ -180,10 +170,12 @@ def split_microbatches(batch: Mapping[str, Array], num_microbatches: int, groups
     return split
 
 
-def check_microbatches(batch: Mapping[str, np.ndarray], num_microbatches: int, family: str) -> None:
+def check_microbatches(batch: Mapping[str, np.ndarray], num_microbatches: int, groups: int) -> None:
     """Raises a ValueError unless ``batch`` splits into ``num_microbatches`` whole microbatches.
 
-    Reads only shapes and the small ``sequence_rows`` index array (fetched if on a device).
+    ``groups`` is the number of sequences per example (a KL batch has one). A batch without
+    sequence fields (SFT: token sums) only needs its rows to divide. Reads only shapes and the small
+    ``sequence_rows`` index array (fetched if on a device).
     """
     if num_microbatches == 1:
         return
@@ -195,17 +187,17 @@ def check_microbatches(batch: Mapping[str, np.ndarray], num_microbatches: int, f
             raise ValueError(
                 f"`grad_accum_steps`={num_microbatches} must divide the {rows} rows of `{prefix}input_ids`."
             )
-        if family == "sft":  # token sums: any sequence may go to any microbatch
+        if "sequence_rows" not in part:  # token sums: any sequence may go to any microbatch
             continue
-        groups = 1 if prefix else sequence_groups(family)
+        per_example = 1 if prefix else groups
         sequence_rows = np.asarray(part["sequence_rows"])
-        examples = len(sequence_rows) // groups
+        examples = len(sequence_rows) // per_example
         if examples % num_microbatches:
             raise ValueError(
                 f"`grad_accum_steps`={num_microbatches} must divide the {examples} examples of the batch "
                 f"(`{prefix}sequence_rows` has {len(sequence_rows)} sequences)."
             )
-        example = np.tile(np.arange(examples), groups)
+        example = np.tile(np.arange(examples), per_example)
         misplaced = np.flatnonzero(sequence_rows % num_microbatches != example % num_microbatches)
         if misplaced.size:
             i = int(misplaced[0])
@@ -225,15 +217,14 @@ def batch_sharding(
     return logical_sharding(mesh, axes, shape, rules)
 
 
-def merge_host_batches(batches: Sequence[Mapping[str, np.ndarray]], family: str) -> dict[str, np.ndarray]:
+def merge_host_batches(batches: Sequence[Mapping[str, np.ndarray]], groups: int) -> dict[str, np.ndarray]:
     """The global batch of a multi-host step from every host's local batch, in host order.
 
     Rows and per-example arrays are concatenated. Sequence arrays are regrouped so that each group
     stays contiguous (all hosts' chosen sequences, then all their rejected ones), and row indices
     are offset by the rows of the hosts before: the result is laid out exactly as if one host had
-    loaded all the examples.
+    loaded all the examples. ``groups`` is the number of sequences per example (2 for pairs).
     """
-    groups = sequence_groups(family)
     merged = {}
     for key, first in batches[0].items():
         if first is None:
@@ -254,7 +245,7 @@ def merge_host_batches(batches: Sequence[Mapping[str, np.ndarray]], family: str)
 
 
 def shard_batch(
-    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES, family: str = "pairwise"
+    batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping = LOGICAL_AXIS_RULES, groups: int = 2
 ) -> dict[str, Array]:
     """Places every array of ``batch`` on ``mesh``, split by rows (or examples) over data and fsdp.
 
@@ -267,7 +258,7 @@ def shard_batch(
         present = {k: np.asarray(v) for k, v in batch.items() if v is not None}
         gathered = multihost_utils.process_allgather(present)  # each [processes, ...]
         hosts = [{k: v[i] for k, v in gathered.items()} for i in range(jax.process_count())]
-        global_batch = merge_host_batches(hosts, family)
+        global_batch = merge_host_batches(hosts, groups)
         return {
             key: jax.make_array_from_callback(
                 value.shape, batch_sharding(mesh, value.shape, rules), lambda index, v=value: v[index]

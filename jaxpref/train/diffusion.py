@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxpref.models.diffusion import (
     DDPM_PREDICTIONS,
@@ -69,7 +69,8 @@ from jaxpref.objectives.diffusion import (
 )
 from jaxpref.sharding import LOGICAL_AXIS_RULES
 from jaxpref.train.batches import batch_sharding
-from jaxpref.train.step import TrainState, guarded_update, state_initializer
+from jaxpref.train.references import as_reference
+from jaxpref.train.step import TrainState, guarded_update, jit_step, state_initializer
 
 Array = jax.Array
 # A differentiable reward of model-space images [B, H, W, C] and their prompts [B, L]: [B] rewards.
@@ -335,17 +336,17 @@ def build_diffusion_step(
         raise ValueError(f"`model` must be a jaxpref.models.diffusion.Denoiser, got {type(model).__name__}.")
     method.check(model.config)
     graphdef, model_params, other_state = nnx.split(model, nnx.Param, ...)
+    reference = as_reference("frozen" if method.uses_reference else "none", model)
+
+    def module(params: nnx.State, other_state: nnx.State) -> Denoiser:
+        return nnx.merge(graphdef, params, other_state)
 
     def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
         next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        reference = None
-        if method.uses_reference:
-            reference = nnx.merge(graphdef, jax.lax.stop_gradient(state.ref_params), other_state)
+        reference_model = reference.model(module, state.params, state.ref_params, other_state)
 
         def loss_fn(params):
-            losses, metrics = method.loss(
-                nnx.merge(graphdef, params, other_state), reference, batch, step_key
-            )
+            losses, metrics = method.loss(module(params, other_state), reference_model, batch, step_key)
             return jnp.mean(losses), metrics
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -358,8 +359,7 @@ def build_diffusion_step(
         }
         return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
 
-    init, state_shardings = state_initializer(model_params, optimizer, mesh, rules, method.uses_reference)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    init, state_shardings = state_initializer(model_params, optimizer, mesh, rules, reference.keeps_copy)
     return DiffusionStep(
         mesh=mesh,
         method=method,
@@ -368,5 +368,5 @@ def build_diffusion_step(
         rules=rules,
         _other_state=other_state,
         _init=init,
-        _step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
+        _step=jit_step(train_step, state_shardings, mesh),
     )

@@ -80,12 +80,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxpref.models.decoder import Decoder
 from jaxpref.models.heads import CausalLMWithValueHead
 from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE, token_logps_from_hidden
-from jaxpref.models.lora import base_view, has_lora, lora_layers, trainable_filter
+from jaxpref.models.lora import lora_layers
 from jaxpref.models.sampling import SamplingConfig, check_left_padded, generate_jit
 from jaxpref.objectives.common import check_range
 from jaxpref.objectives.pairwise import PAIRWISE, pairwise_loss
@@ -105,7 +105,8 @@ from jaxpref.objectives.policy_gradient import (
 from jaxpref.sharding import LOGICAL_AXIS_RULES
 from jaxpref.train.batches import batch_sharding
 from jaxpref.train.rewards import RewardFn
-from jaxpref.train.step import TrainState, injected_learning_rate, param_shardings, state_initializer
+from jaxpref.train.references import as_reference
+from jaxpref.train.step import TrainState, injected_learning_rate, jit_step, split_model, state_initializer
 
 Array = jax.Array
 
@@ -709,9 +710,9 @@ def build_online_step(
     with_value_head = isinstance(model, CausalLMWithValueHead)
     # A LoRA model trains its adapters (and the value head) only: the base weights are the frozen
     # state, passed to every call, and the reference is the base itself (adapters off), not a copy.
-    lora = has_lora(model)
-    graphdef, model_params, frozen_state = nnx.split(model, trainable_filter(model), ...)
-    frozen_state = jax.device_put(frozen_state, param_shardings(frozen_state, mesh, rules))
+    split = split_model(model, mesh, rules)
+    graphdef, frozen_state = split.graphdef, split.frozen
+    reference = as_reference("frozen" if algorithm.uses_reference else "none", model)
 
     def sampler(
         params: nnx.State, frozen_state: nnx.State, prompt_ids: Array, prompt_mask: Array, key: Array
@@ -722,12 +723,12 @@ def build_online_step(
         decoder_graphdef, decoder_state = nnx.split(policy.model if with_value_head else policy)
         return generate_jit(decoder_graphdef, decoder_state, prompt_ids, prompt_mask, key, sampling)
 
-    def forward(
-        params: nnx.State, frozen_state: nnx.State, rollout: Rollout, base: bool = False
-    ) -> PolicyOutputs:
-        """The policy's outputs on the rollout; ``base``: a LoRA model's base (adapters off)."""
-        module = nnx.merge(graphdef, params, frozen_state)
-        module = base_view(module) if base else module
+    def forward(params: nnx.State, frozen_state: nnx.State, rollout: Rollout) -> PolicyOutputs:
+        """The policy's outputs on the rollout."""
+        return module_outputs(split.module(params, frozen_state), rollout)
+
+    def module_outputs(module: nnx.Module, rollout: Rollout) -> PolicyOutputs:
+        """``module``'s (the policy's or the reference's) outputs on the rollout."""
         input_ids, positions, segment_ids = _layout(rollout)
         outputs = module(input_ids, positions=positions, segment_ids=segment_ids)
         hidden, values = outputs if with_value_head else (outputs, None)  # [B, P + T, hidden], [B, P + T]
@@ -756,9 +757,9 @@ def build_online_step(
             else None
         )
         ref_logps = None
-        if algorithm.uses_reference:
-            ref_params = state.params if lora else state.ref_params
-            ref_logps = frozen(forward(ref_params, frozen_state, rollout, base=lora).logps)
+        ref_model = reference.model(split.module, state.params, state.ref_params, frozen_state)
+        if ref_model is not None:
+            ref_logps = frozen(module_outputs(ref_model, rollout).logps)
         prepared = jax.tree.map(frozen, algorithm.prepare(rollout, mask, old, ref_logps, num_generations))
         grad_fn = jax.value_and_grad(
             lambda params: algorithm.loss(forward(params, frozen_state, rollout), rollout, mask, prepared),
@@ -804,9 +805,7 @@ def build_online_step(
             metrics["learning_rate"] = learning_rate
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
-    reference_copy = algorithm.uses_reference and not lora
-    init, state_shardings = state_initializer(model_params, optimizer, mesh, rules, reference_copy)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    init, state_shardings = state_initializer(split.params, optimizer, mesh, rules, reference.keeps_copy)
     return OnlineStep(
         mesh=mesh,
         algorithm=algorithm,
@@ -820,5 +819,5 @@ def build_online_step(
         frozen=frozen_state,
         _init=init,
         _sampler=sampler,
-        _update=jax.jit(update, out_shardings=(state_shardings, replicated), donate_argnums=0),
+        _update=jit_step(update, state_shardings, mesh),
     )

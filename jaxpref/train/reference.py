@@ -29,7 +29,6 @@ import pathlib
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -37,17 +36,9 @@ from jax.sharding import Mesh
 from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE
 from jaxpref.models.lora import LoRAParam, base_view
 from jaxpref.sharding import LOGICAL_AXIS_RULES, make_mesh
-from jaxpref.train.batches import (
-    KL_PREFIX,
-    REFERENCE_KEYS,
-    ROW_FIELDS,
-    SEQUENCE_FIELDS,
-    check_family,
-    packed_batch,
-    packed_logps,
-    shard_batch,
-    sub_batch,
-)
+from jaxpref.train.batches import KL_PREFIX, ROW_FIELDS, SEQUENCE_FIELDS, packed_batch, packed_logps, shard_batch, sub_batch
+from jaxpref.train.families import Family, as_family
+from jaxpref.train.references import NoReference
 from jaxpref.train.step import param_shardings
 
 logger = logging.getLogger(__name__)
@@ -128,7 +119,7 @@ def _forward(
     params: nnx.State,
     other_state: nnx.State,
     batch: dict[str, jax.Array],
-    family: str,
+    family: Family,
     chunk_size: int,
     vocab_chunk_size: int | None,
 ) -> dict[str, jax.Array]:  # reference key -> [examples]
@@ -140,9 +131,8 @@ def _forward(
     model = base_view(nnx.merge(graphdef, params, other_state))
     model.eval()  # no dropout and the like, should the model have any
     lm_head_options = dict(chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
-    keys = REFERENCE_KEYS[family]
-    logps = packed_logps(model, packed_batch(sub_batch(batch, "")), **lm_head_options)[0]
-    outputs = dict(zip(keys, jnp.split(logps, len(keys))))
+    main = sub_batch(batch, "")
+    outputs = family.reference_columns(packed_logps(model, packed_batch(main), **lm_head_options)[0], main)
     kl_batch = sub_batch(batch, KL_PREFIX)
     if kl_batch:
         outputs[f"{KL_PREFIX}ref_logps"] = packed_logps(model, packed_batch(kl_batch), **lm_head_options)[0]
@@ -153,7 +143,7 @@ def compute_reference_logps(
     model: nnx.Module,
     batches: Batches,
     *,
-    family: str = "pairwise",
+    family: str | Family = "pairwise",
     mesh: Mesh | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: int | None = None,
@@ -166,22 +156,22 @@ def compute_reference_logps(
     the batches by rows and holds the parameters, sharded by their logical axes (not copied when
     they are placed so already, e.g. by ``from_pretrained(..., mesh=mesh)``).
     """
-    check_family(family)
-    if family not in REFERENCE_KEYS:
-        raise ValueError(f"`family`={family!r} has no reference log-probs; use 'pairwise' or 'unpaired'.")
+    family = as_family(family)
+    if not family.reference_keys:
+        raise ValueError(f"`family`={family.name!r} has no reference log-probs to compute.")
     mesh = make_mesh() if mesh is None else mesh
     graphdef, params, other_state = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, param_shardings(params, mesh, rules))
     fields = (*ROW_FIELDS, *SEQUENCE_FIELDS)
+    data_keys = tuple(k for k in family.batch_keys(NoReference()) if k not in fields)  # listwise scores, ...
     collected: dict[int, dict[str, float]] = {}
     for batch in _iterate(batches):
         if "example_index" not in batch:
             raise ValueError(f"Every batch needs an 'example_index' key; got {sorted(batch)}.")
         example_index = np.asarray(batch["example_index"]).tolist()
-        inputs = {
-            k: batch[k] for k in (*fields, *(KL_PREFIX + f for f in fields)) if batch.get(k) is not None
-        }
-        batch_on_mesh = shard_batch(inputs, mesh, rules, family)
+        keys = (*fields, *data_keys, *(KL_PREFIX + f for f in fields))
+        inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
+        batch_on_mesh = shard_batch(inputs, mesh, rules, family.sequences_per_example(inputs))
         outputs = _forward(graphdef, params, other_state, batch_on_mesh, family, chunk_size, vocab_chunk_size)
         outputs = jax.device_get(outputs)
         for key, values in outputs.items():
@@ -200,11 +190,11 @@ def compute_reference_logps(
     return ReferenceLogps(example_index, values)
 
 
-def reference_cache_key(dataset_fingerprint: str, model: nnx.Module, family: str) -> str:
+def reference_cache_key(dataset_fingerprint: str, model: nnx.Module, family: str | Family) -> str:
     """Hash of what the reference log-probs depend on: the data, the weights, the architecture."""
     parts = (
         f"version={_CACHE_VERSION}",
-        f"family={family}",
+        f"family={as_family(family).name}",
         f"data={dataset_fingerprint}",
         # A LoRA model's reference is its base: its adapters do not change the log-probs.
         f"params={params_fingerprint(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam))))}",
@@ -218,7 +208,7 @@ def cached_reference_logps(
     model: nnx.Module,
     batches: Batches,
     *,
-    family: str = "pairwise",
+    family: str | Family = "pairwise",
     dataset_fingerprint: str | None = None,
     **compute_options,
 ) -> tuple[ReferenceLogps, bool]:

@@ -150,7 +150,8 @@ def test_unpaired_labels_and_mismatched_kl_completions(tmp_path_factory):
     assert sorted(batch["labels"].tolist()) == record_labels
 
 
-def test_ranked_scores_mask_and_response_order(tmp_path_factory):
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_ranked_scores_mask_and_response_order(tmp_path_factory, prefix_sharing):
     rows = [
         {
             "prompt": f"{i}:",
@@ -160,9 +161,11 @@ def test_ranked_scores_mask_and_response_order(tmp_path_factory):
         for i in range(6)
     ]
     source = prepare(tmp_path_factory, "ranked", rows)
-    [batch] = batches(make_loader(source, batch_size=6, shuffle=False))
+    [batch] = batches(make_loader(source, batch_size=6, shuffle=False, prefix_sharing=prefix_sharing))
     assert batch["scores"].shape == batch["response_mask"].shape == (6, 3)
     assert batch["sequence_rows"].shape == (18,)
+    # Shared: one row per prompt, its K responses after it; else one row per response.
+    assert batch["input_ids"].shape[0] == (6 if prefix_sharing else 18)
     completions = completion_tokens(batch)
     for b in range(6):
         count = int(batch["response_mask"][b].sum())

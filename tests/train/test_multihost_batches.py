@@ -23,7 +23,7 @@ def test_merged_host_batches_equal_one_host_batch():
         )._asdict()
         for i in (0, 3)
     ]
-    merged = merge_host_batches(hosts, "pairwise")
+    merged = merge_host_batches(hosts, groups=2)
     assert merged.keys() == whole.keys()
     for key, value in whole.items():
         np.testing.assert_array_equal(merged[key], value, err_msg=key)
