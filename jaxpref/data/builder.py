@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxpref.data.report import PreparationReport
-from jaxpref.data.rows import check_layout, read_rows
+from jaxpref.data.rows import EXAMPLE_COLUMNS, check_layout, read_rows
 from jaxpref.data.tokenize import (
     TokenizedRow,
     TokenizeOptions,
@@ -49,7 +49,7 @@ from jaxpref.data.tokenize import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "3"  # bump when the stored features or their meaning change
+FORMAT_VERSION = "4"  # bump when the stored features or their meaning change
 SPLIT = "train"  # each prepared file set is one split; prepare eval files separately
 
 
@@ -99,6 +99,8 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
             "example_index": tfds.features.Scalar(dtype=np.int64),
         }
         layout = self.builder_config.layout
+        # EXAMPLE_COLUMNS values in their order, NaN where a row has none.
+        features["columns"] = tfds.features.Tensor(shape=(len(EXAMPLE_COLUMNS[layout]),), dtype=np.float32)
         if layout == "unpaired":
             features["label"] = tfds.features.Scalar(dtype=np.bool_)
         elif layout == "ranked":
@@ -151,6 +153,7 @@ def _example(row: TokenizedRow, layout: str, index: int) -> dict[str, Any]:
         "response_lengths": np.array([len(ids) for ids in row.response_ids], np.int32),
         "prompt": row.prompt,
         "source": row.source,
+        "columns": np.array([dict(row.columns).get(n, np.nan) for n in EXAMPLE_COLUMNS[layout]], np.float32),
     }
     if layout == "unpaired":
         example["label"] = row.label
@@ -171,6 +174,7 @@ class _LengthStats:
     max_shared_length: int = 0  # prompt + all its responses, as in a prefix-shared row
     max_responses: int = 0
     max_ratings: int = 0  # pairwise: attributes rated per response (0: no row has ratings)
+    column_rows: dict[str, int] = dataclasses.field(default_factory=dict)  # EXAMPLE_COLUMNS name -> rows having it
 
     def add(self, row: TokenizedRow) -> None:
         prompt, responses = len(row.prompt_ids), [len(ids) for ids in row.response_ids]
@@ -181,6 +185,8 @@ class _LengthStats:
         self.max_responses = max(self.max_responses, len(responses))
         if row.ratings:
             self.max_ratings = max(self.max_ratings, len(row.ratings[0]))
+        for name, _ in row.columns:
+            self.column_rows[name] = self.column_rows.get(name, 0) + 1
 
 
 def prepare_dataset(

@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxpref.data.rows import EXAMPLE_COLUMNS
 from jaxpref.models.packing import PackedBatch, pack_sequences, prefix_shared_groups, prefix_shared_pairs
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def make_loader(
         kl_limit=row_lengths[-1] if max_length is None else min(max_length, row_lengths[-1]),
         num_responses=stats["max_responses"],
         num_ratings=stats.get("max_ratings", 0),
+        columns=_complete_columns(layout, stats.get("column_rows", {}), len(data_source)),
     )
     sampler = grain.samplers.IndexSampler(
         num_records=len(data_source),
@@ -163,6 +165,17 @@ def packed_batch(batch: Batch, prefix: str = "") -> PackedBatch:
     return PackedBatch(**{field: batch[prefix + field] for field in PackedBatch._fields})
 
 
+def _complete_columns(layout: str, column_rows: dict[str, int], num_rows: int) -> tuple[str, ...]:
+    """The per-example columns every row has; one that only some rows have is reported, not used."""
+    partial = {name: count for name, count in column_rows.items() if count < num_rows}
+    if partial:
+        logger.warning(
+            "Data columns present in only some rows are not used (a batch needs every row's value): %s of %d rows",
+            partial, num_rows,
+        )  # fmt: skip
+    return tuple(name for name in EXAMPLE_COLUMNS[layout] if column_rows.get(name) == num_rows)
+
+
 def _row_lengths(row_length: int, buckets: Sequence[int], needed: int) -> tuple[int, ...]:
     if not isinstance(row_length, int) or row_length < needed:
         raise ValueError(
@@ -195,6 +208,7 @@ class _Collate:
     kl_limit: int  # longest KTO KL sequence
     num_responses: int  # ranked: K
     num_ratings: int = 0  # pairwise: A, the most attributes any row rates (0: no ratings)
+    columns: tuple[str, ...] = ()  # EXAMPLE_COLUMNS every row has: [B] arrays of the batch
 
     def __call__(self, records: Sequence[Record]) -> Batch:
         if self.layout == "pairwise":
@@ -204,6 +218,9 @@ class _Collate:
         else:
             batch = {"sft": self.sft, "unpaired": self.unpaired, "ranked": self.ranked}[self.layout](records)
         batch["example_index"] = np.array([record["example_index"] for record in records], np.int64)
+        for name in self.columns:
+            values = np.array([record["columns"][EXAMPLE_COLUMNS[self.layout].index(name)] for record in records])
+            batch[name] = values.astype(np.int32 if name == "user_id" else np.float32)
         return batch
 
     def pack(self, sequences: list[tuple[np.ndarray, np.ndarray]], prefix: str = "") -> Batch:

@@ -10,6 +10,10 @@ Layouts (field names as in the files; ``field_map`` maps ours to a file's, e.g.
   correctness, ...), lists of numbers in one fixed attribute order, ``null`` for a missing rating
   (multi-objective reward models regress on them).
 - ``"unpaired"``: ``{prompt, completion, label}`` with a boolean ``label`` (KTO).
+- Optional per-example number columns (:data:`EXAMPLE_COLUMNS`): pairwise ``margin`` (reward
+  models' margin), ``target_probability`` (soft preference labels), ``chosen_quality`` /
+  ``rejected_quality`` (MMPO); every layout ``user_id`` (an integer). The train step passes each to
+  the objectives that read it.
 - ``"ranked"``: ``{prompt, responses, scores}``, two or more responses with one finite score each.
 - ``"sft"``: ``{prompt, completion}``, or ``{messages}`` whose last assistant message is the completion
   and the messages before it the prompt (messages after it are ignored).
@@ -61,6 +65,14 @@ LAYOUT_FIELDS = {
     "ranked": ("prompt", "responses", "scores"),
     "sft": ("prompt", "completion", "messages"),
 }
+# Optional per-example number columns of each layout (a finite number, or null for absent).
+EXAMPLE_COLUMNS = {
+    "pairwise": ("margin", "target_probability", "chosen_quality", "rejected_quality", "user_id"),
+    "unpaired": ("user_id",),
+    "ranked": ("user_id",),
+    "sft": (),
+}
+LAYOUT_FIELDS = {layout: fields + EXAMPLE_COLUMNS[layout] for layout, fields in LAYOUT_FIELDS.items()}
 LAYOUTS = tuple(LAYOUT_FIELDS)
 ASSISTANT = "assistant"
 HH_ASSISTANT_MARKER = "\n\nAssistant:"  # Anthropic HH's turn marker
@@ -78,6 +90,7 @@ class Row:
     source: str = ""  # "file:line", for reports
     # pairwise only, when the row has them: (chosen's, rejected's) per-attribute ratings, NaN if missing
     ratings: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    columns: tuple[tuple[str, float], ...] = ()  # the row's EXAMPLE_COLUMNS values, by name
 
     @property
     def is_chat(self) -> bool:
@@ -181,7 +194,22 @@ def parse_row(
         raise BadRow(EMPTY_RESPONSE, "a response is empty")
     if len(responses) > 1 and all(response == responses[0] for response in responses):
         raise BadRow(IDENTICAL_RESPONSES, "all responses are the same")
-    return Row(prompt, responses, label=label, scores=scores, source=source, ratings=ratings)
+    columns = _example_columns(fields, layout)
+    return Row(prompt, responses, label=label, scores=scores, source=source, ratings=ratings, columns=columns)
+
+
+def _example_columns(fields: _Fields, layout: str) -> tuple[tuple[str, float], ...]:
+    values = []
+    for name in EXAMPLE_COLUMNS[layout]:
+        if not fields.has(name):
+            continue
+        value = fields.get(name)
+        integer = name == "user_id"
+        if not _is_finite_number(value) or (integer and float(value) != int(value)):
+            kind = "an integer" if integer else "a finite number"
+            raise BadRow(WRONG_TYPE, f"`{fields.column(name)}` must be {kind} or null, got {value!r}")
+        values.append((name, float(value)))
+    return tuple(values)
 
 
 class _Fields:

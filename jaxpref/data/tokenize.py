@@ -85,6 +85,7 @@ class TokenizedRow:
     scores: tuple[float, ...] | None = None
     source: str = ""
     ratings: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # pairwise: as Row.ratings
+    columns: tuple[tuple[str, float], ...] = ()  # as Row.columns
 
 
 def load_tokenizer(tokenizer: TokenizerLike) -> PreTrainedTokenizerBase:
@@ -236,6 +237,7 @@ class _Encoder:
             scores=row.scores,
             source=row.source,
             ratings=row.ratings,
+            columns=row.columns,
         )
         return tokenized, prompt_cut, response_cut
 

@@ -175,6 +175,22 @@ def test_ranked_scores_mask_and_response_order(tmp_path_factory, prefix_sharing)
         assert lengths[:count] == sorted(lengths[:count]) and lengths[count:] == [0] * (3 - count)
 
 
+def test_example_columns_every_row_has_are_batched(tmp_path_factory, caplog):
+    rows = [
+        {"prompt": f"{i}:", "chosen": "ab", "rejected": "c", "chosen_quality": i / 4, "rejected_quality": 0.0,
+         "user_id": i % 2, **({"margin": 1.0} if i < 2 else {})}
+        for i in range(4)
+    ]  # fmt: skip
+    source = prepare(tmp_path_factory, "pairwise", rows)
+    [batch] = batches(make_loader(source, batch_size=4, shuffle=False))
+    order = np.argsort(batch["example_index"])
+    np.testing.assert_array_equal(np.sort(batch["chosen_quality"]), [0.0, 0.25, 0.5, 0.75])
+    assert batch["user_id"].dtype == np.int32 and sorted(batch["user_id"][order].tolist()) == [0, 0, 1, 1]
+    assert batch["rejected_quality"].dtype == np.float32 and not batch["rejected_quality"].any()
+    assert "margin" not in batch  # only 2 of 4 rows have one: reported, not used
+    assert "{'margin': 2} of 4 rows" in caplog.text
+
+
 def test_sft_chat_rows_through_the_template(tmp_path_factory, chat_tokenizer):
     rows = [
         {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}

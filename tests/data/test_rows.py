@@ -143,12 +143,20 @@ def test_bad_rows_are_counted_by_reason(tmp_path):
         ),
         ("sft", {"messages": [{"role": "user", "content": "q"}]}, reasons.MISSING_FIELD),
         ("sft", {"prompt": "q", "completion": ""}, reasons.EMPTY_RESPONSE),
+        ("pairwise", {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, reasons.WRONG_TYPE),
+        ("pairwise", {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_quality": float("inf")}, reasons.WRONG_TYPE),
+        ("unpaired", {"prompt": "q", "completion": "a", "label": True, "user_id": 1.5}, reasons.WRONG_TYPE),
     ],
 )
 def test_layout_specific_bad_rows(layout, record, reason):
     with pytest.raises(BadRow) as error:
         parse_row(record, layout)
     assert error.value.reason == reason
+
+
+def test_example_columns_are_read_by_name():
+    record = {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_quality": 0.75, "user_id": 3, "margin": None}
+    assert parse_row(record, "pairwise").columns == (("chosen_quality", 0.75), ("user_id", 3.0))
 
 
 def test_bad_json_names_file_and_line(tmp_path):

@@ -248,3 +248,18 @@ def test_batch_contract_errors_name_the_problem(dpo_batch):
         build_step(model, DPO, OPTIMIZER, mesh, family="sft", reference="none")
     with pytest.raises(ValueError, match="reference"):
         build_step(model, DPO, OPTIMIZER, mesh, reference="live")
+
+
+def test_quality_columns_reach_mmpo(baseline, dpo_batch):
+    """MMPO's target sigma(q_w - q_l) scales DPO's gradient at policy = reference by 2 sigma(dq) - 1."""
+    _, _, dpo_grads = baseline
+    batch = {
+        **dpo_batch,
+        "chosen_quality": np.full(NUM_EXAMPLES, 1.5, np.float32),
+        "rejected_quality": np.full(NUM_EXAMPLES, 0.5, np.float32),
+    }
+    step = build_step(fresh_model(), objective("mmpo", beta=0.1), OPTIMIZER, single_device_mesh())
+    _, metrics, grads = first_step(step, batch)
+    np.testing.assert_allclose(metrics["loss"], math.log(2.0), atol=1e-6)
+    factor = math.tanh(0.5)  # 2 sigma(1) - 1
+    assert_close(grads, jax.tree.map(lambda g: factor * g, dpo_grads), atol=1e-6)

@@ -34,6 +34,7 @@ class Listwise(LogpsFamily):
     name: ClassVar[str] = "listwise"
     layout: ClassVar[str] = "ranked"
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)  # [B, K]
+    columns: ClassVar[tuple[str, ...]] = ("user_id",)
 
     def sequences_per_example(self, batch) -> int:
         return batch["scores"].shape[1]

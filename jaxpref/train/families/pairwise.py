@@ -15,12 +15,8 @@ class Pairwise(LogpsFamily):
     name: ClassVar[str] = "pairwise"
     layout: ClassVar[str] = "pairwise"
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_chosen_logps", "ref_rejected_logps")
-    columns: ClassVar[tuple[str, ...]] = (
-        "chosen_quality",  # MMPO
-        "rejected_quality",
-        "chosen_weights",  # per-example weights of either response
-        "rejected_weights",
-    )
+    # Per-example data columns (jaxpref.data.rows.EXAMPLE_COLUMNS) for the objectives that read them.
+    columns: ClassVar[tuple[str, ...]] = ("chosen_quality", "rejected_quality", "margin", "target_probability", "user_id")
 
     def sequences_per_example(self, batch) -> int:
         return 2

@@ -23,7 +23,9 @@ class Reward(Family):
 
     name: ClassVar[str] = "reward"
     layout: ClassVar[str] = "pairwise"
-    columns: ClassVar[tuple[str, ...]] = ("margin", "target_probability", "chosen_ratings", "rejected_ratings")
+    columns: ClassVar[tuple[str, ...]] = (
+        "margin", "target_probability", "chosen_ratings", "rejected_ratings", "user_id",
+    )  # fmt: skip
 
     def sequences_per_example(self, batch) -> int:
         return 2

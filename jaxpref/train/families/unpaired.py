@@ -18,6 +18,7 @@ class Unpaired(LogpsFamily):
     name: ClassVar[str] = "unpaired"
     layout: ClassVar[str] = "unpaired"
     reference_keys: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    columns: ClassVar[tuple[str, ...]] = ("user_id",)
 
     def check(self, model, objective, reference) -> None:
         super().check(model, objective, reference)
