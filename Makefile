@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m experiments.demo
+	$(BIN)/jaxpref demo
 
 # One pytest worker per core (pytest-xdist): XLA compiles on one thread, so serial runs leave cores idle.
 test: $(VENV)/.installed-test

@@ -13,9 +13,9 @@ General Preference Model (GPM) is far above it, and on transitive preferences th
   beats a and b), a balanced tournament: every type wins as often as it loses, so the BT
   maximum-likelihood rewards are all equal, whatever features the backbone learns.
 
-Each model is trained by :func:`experiments.reward.run_reward` on the same pairs (the tiny
-decoder of ``experiments.configs.ModelConfig``, on CPU) and evaluated by
-:mod:`experiments.reward_eval` on held-out pairs of fresh responses and on held-out preference
+Each model is trained by :func:`jaxpref.recipes.reward.run_reward` on the same pairs (the tiny
+decoder of ``jaxpref.recipes.configs.ModelConfig``, on CPU) and evaluated by
+:mod:`jaxpref.recipes.reward_eval` on held-out pairs of fresh responses and on held-out preference
 cycles ``y1 > y2 > y3 > y1`` (all three pairs given), where a scalar reward gets at most two of
 three pairs right and never a whole cycle. Every run lands in ``runs/gpm_cyclic/<preferences>_<model>``.
 
@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from experiments.configs import (
+from jaxpref.data.synthetic import write_jsonl
+from jaxpref.overrides import config_from_argv
+from jaxpref.recipes.configs import (
     CHAR_TOKENIZER,
-    GPM,
     DataConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -48,10 +49,9 @@ from experiments.configs import (
     RewardRunConfig,
     TrainConfig,
 )
-from experiments.reward import run_reward
-from experiments.reward_eval import RESULTS_FILE
-from jaxpref.data.synthetic import write_jsonl
-from jaxpref.overrides import config_from_argv
+from jaxpref.recipes.objectives import GPM
+from jaxpref.recipes.reward import run_reward
+from jaxpref.recipes.reward_eval import RESULTS_FILE
 
 TYPES = "abcde"
 FILLER = "vwxyz"

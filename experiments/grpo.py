@@ -1,8 +1,8 @@
 """GRPO on the bundled sorting task: from the main job's SFT policy to a higher exact-sort rate.
 
-1. SFT exactly as the main job (:mod:`experiments.demo`) trains it, or the SFT folder
+1. SFT exactly as the main job (:mod:`jaxpref.recipes.demo`) trains it, or the SFT folder
    ``sft_checkpoint`` (e.g. ``runs/demo/sft/hf``).
-2. GRPO (:mod:`experiments.online`): each step samples 8 completions for each of 16 prompts from
+2. GRPO (:mod:`jaxpref.recipes.online`): each step samples 8 completions for each of 16 prompts from
    the current policy and scores them with the exact checker
    :func:`~jaxpref.train.rewards.sorting_exact` (1 for exactly the sorted digits, else 0): a
    verifiable reward, with no reward model and no preference data.
@@ -18,6 +18,7 @@ The other online algorithms run the same way: ``--set grpo.algorithm=online_dpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -25,19 +26,46 @@ import time
 import jax
 import numpy as np
 
-from experiments.configs import GRPODemoConfig
-from experiments.online import build_algorithm, run_online
-from experiments.pipeline import (
-    build_mesh,
-    build_policy,
-    build_tokenizer,
-    replace_run,
-    sample_completions,
-    train_run,
-)
 from jaxpref.data.synthetic import SortingTask, hidden_reward, prompts, sft_rows, write_jsonl
 from jaxpref.models import CausalLMWithValueHead, Decoder, from_pretrained
 from jaxpref.overrides import config_from_argv, to_dict
+from jaxpref.recipes.common import build_mesh, build_policy, build_tokenizer, replace_run, sample_completions
+from jaxpref.recipes.configs import (
+    DemoConfig,
+    ModelConfig,
+    OnlineRunConfig,
+    OnlineTrainConfig,
+    OptimizerConfig,
+    PromptDataConfig,
+    RolloutConfig,
+    RunConfig,
+)
+from jaxpref.recipes.offline import train_run
+from jaxpref.recipes.online import build_algorithm, run_online
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPODemoConfig:
+    """The main job's SFT stage, then GRPO on the exact sorting checker."""
+
+    name: str = "grpo_demo"
+    runs_dir: str = "runs"
+    seed: int = 0
+    sft_examples: int = 3000
+    # An SFT model folder to start from (e.g. runs/demo/sft/hf); None trains one as the main job does.
+    sft_checkpoint: str | None = None
+    train_prompts: int = 4096
+    eval_prompts: int = 512
+    samples_per_eval_prompt: int = 4
+    model: ModelConfig = ModelConfig()
+    sft: RunConfig = DemoConfig().sft
+    grpo: OnlineRunConfig = OnlineRunConfig(
+        name="grpo",
+        data=PromptDataConfig(batch_size=16, max_prompt_length=16, bucket=8),
+        rollout=RolloutConfig(max_new_tokens=8, reward_funcs=("sorting_exact",)),
+        optimizer=OptimizerConfig(learning_rate=1e-4, warmup_steps=10),
+        train=OnlineTrainConfig(steps=200, checkpoint_every=200),
+    )
 
 
 def sft_folder(config: GRPODemoConfig, mesh, tokenizer, run_dir: pathlib.Path) -> pathlib.Path:

@@ -1,7 +1,7 @@
-"""Writes ``experiments/assets/reward_bench.jsonl``: a few dozen rows in RewardBench's layout.
+"""Writes ``jaxpref/recipes/assets/reward_bench.jsonl``: a few dozen rows in RewardBench's layout.
 
 The rows come from the bundled tasks, not from RewardBench: subset names are RewardBench's so that
-the section grouping of :mod:`experiments.reward_eval` is exercised, but every prompt asks to sort
+the section grouping of :mod:`jaxpref.recipes.reward_eval` is exercised, but every prompt asks to sort
 digits (:mod:`jaxpref.data.synthetic`), and the chosen response is the sorted digits:
 
 - ``alpacaeval-easy`` (chat): rejected is the same digits shuffled;
@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.configs import ASSETS
 from experiments.gpm_cyclic import cycle_rows
 from jaxpref.data.synthetic import SortingTask, digits, write_jsonl
+from jaxpref.recipes.configs import ASSETS
 
 BENCH_FILE = ASSETS / "reward_bench.jsonl"
 ROWS_PER_SUBSET = 8

@@ -5,6 +5,7 @@
     jaxpref demo                                   # the bundled pipeline: SFT -> pairs -> DPO -> eval
     jaxpref sft --data sft.jsonl --model /models/Qwen3-0.6B
     jaxpref dpo --data prefs.jsonl --model runs/sft/hf --objective ipo --set objective.beta=0.5
+    jaxpref dpo --data prefs.jsonl --model runs/sft/hf --objective "sigmoid + 0.2*sft"   # RPO: DPO + NLL
     jaxpref dpo --data prefs.jsonl --model runs/sft/hf --set lora.rank=16 --set lora.targets='q_proj|v_proj'
     jaxpref kto --data unpaired.jsonl --model runs/sft/hf
     jaxpref reward --data prefs.jsonl --model /models/Qwen3-0.6B
@@ -20,7 +21,8 @@
 Every run writes ``runs/<name>/``: the resolved ``config.json``, the prepared data and its bad-row
 report, orbax checkpoints (rerunning the same command resumes), metrics (JSONL, TensorBoard,
 ``curves.png``) and the trained weights in Hugging Face layout under ``hf/``. Multi-host (TPU pod
-slices, multi-node GPU): run the same command on every host with ``--distributed``.
+slices, multi-node GPU): run the same command on every host with ``--distributed``. The configs and
+runners are :mod:`jaxpref.recipes`; a bad setting is a one-line error before anything is built.
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 _TRAINING = ("sft", "dpo", "kto", "reward")
-# Sample, score with reward functions, update (experiments/online.py).
+# Sample, score with reward functions, update (jaxpref/recipes/online.py).
 _ONLINE = ("grpo", "rloo", "online-dpo", "ppo")
-# Image generators on the shapes task (experiments/diffusion.py): subcommand -> its method there.
+# Image generators on the shapes task (jaxpref/recipes/diffusion.py): subcommand -> its method there.
 _DIFFUSION = {"diffusion-dpo": "dpo", "diffusion-kto": "kto", "flow-dpo": "flow-dpo", "draft": "draft"}
+# The --objective subcommands -> the train-step family whose objectives they train.
+_OBJECTIVE_FAMILIES = {"dpo": "pairwise", "kto": "unpaired", "reward": "reward"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    from experiments.configs import GPM
-    from jaxpref.objectives import PAIRWISE, REWARD, UNPAIRED
     from jaxpref.overrides import add_override_argument
+    from jaxpref.recipes.objectives import GPM, family_objectives
 
     parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,16 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)",
     )
     commands.add_parser("demo", parents=[common], help="the bundled end-to-end pipeline (make demo)")
-    # Objectives the train step can feed from a batch of sequences: not those needing token-level
-    # inputs or per-pair extras (ld_dpo, wpo, mmpo) nor BCO's running state across steps.
-    trainable = {"ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths", "ref_logps"}
-    objectives = {
-        family: sorted(
-            name for name, spec in registry.items() if set(spec.requires) <= trainable and name != "bco"
-        )
-        for family, registry in (("dpo", PAIRWISE), ("kto", UNPAIRED), ("reward", REWARD))
-    }
-    objectives["reward"].append(GPM)  # gpm_loss on preference embeddings (experiments/reward.py)
+    objectives = {command: list(family_objectives(family)) for command, family in _OBJECTIVE_FAMILIES.items()}
+    objectives["reward"].append(GPM)  # gpm_loss on preference embeddings (jaxpref/recipes/reward.py), alone
     for name in (*_TRAINING, *_ONLINE):
         sub = commands.add_parser(name, parents=[common], help=f"train with {name}")
         sub.add_argument("--data", nargs="+", help="local JSONL or Parquet files (data.train_files)")
@@ -69,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--name", help="run name: the run is written to runs/<name> (name)")
         sub.add_argument("--steps", type=int, help="training steps (train.steps)")
         if name in objectives:
-            sub.add_argument("--objective", choices=objectives[name], help="objective name (objective.name)")
+            sub.add_argument(
+                "--objective",
+                metavar="OBJECTIVE",
+                help=f"one of {', '.join(objectives[name])}, or a weighted sum of them written "
+                "'NAME + WEIGHT*NAME ...', e.g. dpo's 'sigmoid + 0.2*sft' (objective.name)",
+            )
     commands.choices["reward"].add_argument(
         "--eval",
         nargs="+",
@@ -119,56 +121,64 @@ def _shortcuts(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
+def _no_check(config: Any) -> None:
+    """For configs whose runners check what they use as they start."""
+
+
+def _command(
+    args: argparse.Namespace,
+) -> tuple[Any, list[str], Callable[[Any], object], Callable[[Any], object]]:
+    """The subcommand's starting config, its overrides, a check of the parsed config that builds
+    nothing (a ValueError for a bad setting), and its runner (jaxpref.recipes)."""
+    from jaxpref.recipes import configs
+    from jaxpref.recipes.offline import run_objective
+
+    if args.command == "demo":
+        from jaxpref.recipes.demo import run_demo
+
+        return configs.DemoConfig(), args.overrides, lambda config: run_objective(config.dpo), run_demo
+    if args.command == "diffusion" or args.command in _DIFFUSION:
+        from jaxpref.recipes.diffusion import DiffusionExperimentConfig, run_diffusion
+
+        shortcuts = [f"methods={json.dumps(args.method)}"] if args.method else []
+        shortcuts += [f"name={args.name}"] if args.name else []
+        return DiffusionExperimentConfig(), [*shortcuts, *args.overrides], _no_check, run_diffusion
+    overrides = [*_shortcuts(args), *args.overrides]
+    if args.command in _ONLINE:
+        from jaxpref.recipes.online import build_algorithm, run_online_command
+
+        return configs.ONLINE_SUBCOMMAND_CONFIGS[args.command], overrides, build_algorithm, run_online_command
+    start = configs.SUBCOMMAND_CONFIGS[args.command]
+    if args.command == "reward":
+        from jaxpref.recipes.reward import reward_objective, run_reward
+
+        return start, overrides, reward_objective, run_reward
+    if args.command == "reward-eval":
+        from jaxpref.recipes.reward_eval import run_reward_eval
+
+        return start, overrides, _no_check, run_reward_eval
+    from jaxpref.recipes.offline import run_offline
+
+    return start, overrides, run_objective, run_offline
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.distributed:
         import jax
 
         jax.distributed.initialize()  # reads the cluster from the TPU / SLURM / env settings
-    from experiments import configs
     from jaxpref.overrides import apply_overrides
 
-    if args.command == "demo":
-        from experiments.demo import run_demo
-
-        run_demo(apply_overrides(configs.DemoConfig(), args.overrides))
-        return 0
-    if args.command == "diffusion" or args.command in _DIFFUSION:
-        from experiments.diffusion import DiffusionExperimentConfig, run_diffusion
-
-        shortcuts = [f"methods={json.dumps(args.method)}"] if args.method else []
-        shortcuts += [f"name={args.name}"] if args.name else []
-        run_diffusion(apply_overrides(DiffusionExperimentConfig(), [*shortcuts, *args.overrides]))
-        return 0
-    if args.command in _ONLINE:
-        from experiments.online import run_online_command
-
-        start = configs.ONLINE_SUBCOMMAND_CONFIGS[args.command]
-        run_online_command(apply_overrides(start, [*_shortcuts(args), *args.overrides]))
-        return 0
-    config = apply_overrides(configs.SUBCOMMAND_CONFIGS[args.command], [*_shortcuts(args), *args.overrides])
-    if args.command == "reward":
-        from experiments.reward import run_reward
-
-        run_reward(config)
-        return 0
-    if args.command == "reward-eval":
-        from experiments.reward_eval import run_reward_eval
-
-        run_reward_eval(config)
-        return 0
-    from experiments import pipeline
-
-    mesh = pipeline.build_mesh(config.mesh)
-    tokenizer = pipeline.build_tokenizer(config.model)
-    model = pipeline.build_policy(config.model, tokenizer, mesh, lora=config.lora)
-    pipeline.train_run(config, model, tokenizer, mesh)
-    last = pipeline.read_metrics(config.run_dir)[-1]
-    summary = ", ".join(
-        f"{k}={v:.4g}" for k, v in last.items() if k in ("step", "loss", "rewards/accuracies")
-    )
-    print(f"{args.command} finished: {summary}; run written to {config.run_dir}")
+    start, overrides, check, run = _command(args)
+    try:
+        config = apply_overrides(start, overrides)
+        check(config)
+    except ValueError as error:  # a bad setting: one line, before any model is built or data prepared
+        parser.exit(2, f"jaxpref {args.command}: error: {error}\n")
+    run(config)
     return 0
 
 

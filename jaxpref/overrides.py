@@ -3,7 +3,8 @@
 Values are parsed by the type of the field they replace (bool accepts true/false/1/0, ``None``
 accepts ``none``/``null``, and anything else is read as JSON when it parses, so lists and dicts work).
 Unknown keys are errors that list the valid ones, except in a config that collects free-form
-settings in a dict field it names in ``__extra_field__`` (an objective's hyperparameters, say).
+settings in a dict field it names in ``__extra_field__`` (an objective's hyperparameters, say). A
+config whose ``__post_init__`` checks its values rejects a bad one as it is set.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
     name = path[0]
     extra = getattr(node, "__extra_field__", None)
     if name not in fields and extra is not None and len(path) == 1:
-        return dataclasses.replace(
-            node, **{extra: {**getattr(node, extra), name: _parse(text, Any, full_key)}}
+        return _replace(
+            node, full_key, text, {extra: {**getattr(node, extra), name: _parse(text, Any, full_key)}}
         )
     if name not in fields:
         raise ValueError(f"Unknown config key `{full_key}`; `{name}` is not one of {sorted(fields)}.")
@@ -96,7 +97,14 @@ def _set(node: Any, path: list[str], text: str, full_key: str) -> Any:
     else:
         hints = typing.get_type_hints(type(node))
         value = _parse(text, hints.get(name, Any), full_key)
-    return dataclasses.replace(node, **{name: value})
+    return _replace(node, full_key, text, {name: value})
+
+
+def _replace(node: Any, full_key: str, text: str, changes: dict[str, Any]) -> Any:
+    try:
+        return dataclasses.replace(node, **changes)
+    except ValueError as error:  # a config that checks itself (an online algorithm's section, say)
+        raise ValueError(f"`{full_key}`={text!r}: {error}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 from jaxpref.cli import main
 from jaxpref.data.synthetic import SortingTask, sft_rows, write_jsonl
 from jaxpref.overrides import apply_overrides
-from experiments.configs import SUBCOMMAND_CONFIGS
+from jaxpref.recipes.configs import SUBCOMMAND_CONFIGS
 
 TINY = [
     "--steps=3",
@@ -41,8 +41,10 @@ def files(tmp_path_factory):
     }
 
 
+# dpo trains RPO, a sum from the command line: beta goes to the one term that takes it.
 @pytest.mark.parametrize(
-    "command,extra", [("sft", []), ("dpo", ["--objective=ipo", "--set=objective.beta=0.5"]), ("kto", [])]
+    "command,extra",
+    [("sft", []), ("dpo", ["--objective=sigmoid + 0.2*sft", "--set=objective.beta=0.5"]), ("kto", [])],
 )
 def test_training_subcommands_write_their_run(command, extra, files, tmp_path, capsys):
     argv = [command, f"--data={files[command]}", f"--set=runs_dir={tmp_path}", *TINY, *extra]
@@ -50,10 +52,13 @@ def test_training_subcommands_write_their_run(command, extra, files, tmp_path, c
     run_dir = tmp_path / command
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["steps"] == 3
-    if command == "dpo":
-        assert config["objective"] == {"name": "ipo", "hparams": {"beta": 0.5}}
     lines = (run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    if command == "dpo":
+        assert config["objective"] == {"name": "sigmoid + 0.2*sft", "hparams": {"beta": 0.5}}
+        for metrics in map(json.loads, lines):
+            expected = metrics["loss/sigmoid"] + 0.2 * metrics["loss/sft"]
+            np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
     assert (run_dir / "hf" / "config.json").exists() and (run_dir / "metrics" / "curves.png").exists()
     assert f"{command} finished" in capsys.readouterr().out
     # Rerunning the same command resumes from the last checkpoint: nothing left to train.
@@ -77,7 +82,40 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(config, ["train.steps"])
 
 
-def test_unknown_objective_is_rejected(capsys):
+@pytest.mark.parametrize(
+    "command,setting,message",
+    [
+        (
+            "dpo",
+            "--objective=sigmoid + nope",
+            "'nope' in objective 'sigmoid + nope' is not a known objective",
+        ),
+        ("dpo", "--objective=sigmoid + x*sft", "Weight 'x' of 'sft'"),
+        (
+            "kto",
+            "--objective=sigmoid",
+            "'sigmoid' in objective 'sigmoid' is not a known objective; use one of [",
+        ),
+        ("dpo", "--set=objective.beta=abc", "`beta`='abc' of objective 'sigmoid' must be a number"),
+        (
+            "dpo",
+            "--set=objective.gamma=1",
+            "No term of objective 'sigmoid' accepts hyperparameter(s) ['gamma']",
+        ),
+        ("grpo", "--set=grpo.loss_type=nope", "`grpo.loss_type`='nope': `loss_type`='nope' must be one of"),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_anything_is_built(command, setting, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--data=missing.jsonl", f"--set=runs_dir={tmp_path}", setting])
+    assert exit.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"jaxpref {command}: error: ") and message in last
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_lists_the_objectives(capsys):
     with pytest.raises(SystemExit):
-        main(["dpo", "--objective=nope"])
-    assert "invalid choice" in capsys.readouterr().err
+        main(["dpo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "one of alphapo, aot," in out and "simpo, slic" in out and "'sigmoid + 0.2*sft'" in out

@@ -6,12 +6,14 @@ directed to a temporary folder through ``JAXPREF_NOTEBOOK_OUT``; any cell error 
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 
 import pytest
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "notebooks").glob("*.ipynb"))
+ROOT = pathlib.Path(__file__).parents[1]
+NOTEBOOKS = sorted((ROOT / "experiments" / "notebooks").glob("*.ipynb"))
 TIMEOUT_S = 300  # per cell; each notebook takes seconds
 
 
@@ -38,6 +40,8 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     out_dir = tmp_path / "figures"
     monkeypatch.setenv("JAXPREF_NOTEBOOK_OUT", str(out_dir))
+    # The repository on the kernel's path, as for pytest: notebooks may import the (uninstalled) experiments.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,

@@ -2,7 +2,7 @@
 
 It is an ordinary ``PreTrainedTokenizerFast`` saved as ``tokenizer.json`` and loads with
 ``AutoTokenizer.from_pretrained(folder)`` like any local tokenizer. The copy bundled in
-``experiments/assets/char_tokenizer`` was written by :func:`save_char_tokenizer`.
+``jaxpref/recipes/assets/char_tokenizer`` was written by :func:`save_char_tokenizer`.
 """
 
 from __future__ import annotations

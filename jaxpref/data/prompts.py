@@ -17,7 +17,7 @@ longer than ``max_prompt_length`` tokens keep their last tokens (and the BOS), a
 ``set_state``, like grain's iterators, so the training loop checkpoints it.
 
 >>> from jaxpref.data import load_tokenizer
->>> tokenizer = load_tokenizer("experiments/assets/char_tokenizer")
+>>> tokenizer = load_tokenizer("jaxpref/recipes/assets/char_tokenizer")
 >>> batches = PromptBatches(["12>", "3>", "456>"], tokenizer, 2, bucket=4, shuffle=False)
 >>> batch = next(batches)
 >>> batch["prompt_mask"].tolist(), list(batch["prompt"])

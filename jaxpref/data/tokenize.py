@@ -16,7 +16,7 @@
 >>> from jaxpref.data.rows import Row
 >>> from jaxpref.data.report import PreparationReport
 >>> report = PreparationReport(layout="sft", files=())
->>> [row] = tokenize_rows([Row("ab", ("cd",))], "experiments/assets/char_tokenizer", report,
+>>> [row] = tokenize_rows([Row("ab", ("cd",))], "jaxpref/recipes/assets/char_tokenizer", report,
 ...                       TokenizeOptions(add_bos=True))
 >>> row.prompt_ids.tolist(), [ids.tolist() for ids in row.response_ids]  # bos=1, eos=2
 ([1, 15, 16], [[17, 18, 2]])

@@ -17,12 +17,13 @@ One module per family:
 - :mod:`~jaxpref.objectives.token_level`: TDPO, TGDPO, AlignDistil.
 - :mod:`~jaxpref.objectives.diffusion`: Diffusion-DPO, Diffusion-KTO, Flow-DPO, Flow-RWR, SPO, PRDP.
 - :mod:`~jaxpref.objectives.sequence`: token-to-sequence reductions;
-  :mod:`~jaxpref.objectives.compose`: ``objective(name) + 0.1 * objective(other)``.
+  :mod:`~jaxpref.objectives.compose`: ``objective(name) + 0.1 * objective(other)``, or
+  ``parse_objective("name + 0.1*other")`` from a command line.
 
 Evaluation metrics (accuracies, calibration, Kendall tau, exploitability) are in :mod:`jaxpref.metrics`.
 """
 
-from jaxpref.objectives.compose import Objective, combine, objective
+from jaxpref.objectives.compose import Objective, combine, objective, parse_objective
 from jaxpref.objectives.diffusion import (
     denoising_errors,
     diffusion_dpo_loss,
@@ -191,6 +192,7 @@ __all__ = [
     "pal_ideal_points",
     "pal_loss",
     "pal_rewards",
+    "parse_objective",
     "policy_loss",
     "PolicyTokens",
     "prdp_loss",

@@ -22,6 +22,11 @@ Objective(1.0 * sigmoid(beta=0.1) + 0.2 * sft())
 [0.9981, 0.5981, 2.0]
 >>> rpo.with_(beta=0.5)
 Objective(1.0 * sigmoid(beta=0.5) + 0.2 * sft())
+
+The same sum from text (a command line's ``--objective``, a config file's ``objective.name``):
+
+>>> parse_objective("sigmoid + 0.2*sft", beta=0.5)
+Objective(1.0 * sigmoid(beta=0.5) + 0.2 * sft())
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-from jaxpref.objectives.common import Array
+from jaxpref.objectives.common import Array, LossSpec
 from jaxpref.objectives.listwise import LISTWISE, listwise_loss
 from jaxpref.objectives.pairwise import _ARRAY_OPTIONS, PAIRWISE, pairwise_loss
 from jaxpref.objectives.reward import REWARD, reward_loss
@@ -164,17 +170,91 @@ def _unique_names(terms: Sequence[Term]) -> list[str]:
     return names
 
 
-def objective(name: str, **hparams) -> Objective:
-    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE`` or ``REWARD``)."""
+def _lookup(name: str) -> tuple[LossSpec, Callable, frozenset[str]] | None:
+    """``(spec, family entry point, its array inputs)`` of a registered objective, or None."""
     for registry, loss_fn, inputs in _FAMILIES:
         if name in registry:
-            spec = registry[name]
-            spec.resolve_hparams(name, hparams)  # fail now on a misspelt hyperparameter, not at call
-            fn = functools.partial(loss_fn, name)
-            term = Term(1.0, name, fn, dict(hparams), inputs, frozenset(spec.defaults))
-            return Objective((term,))
-    known = sorted(known_name for registry, _, _ in _FAMILIES for known_name in registry)
-    raise ValueError(f"Unknown objective `name`={name!r}; known names: {known}.")
+            return registry[name], loss_fn, inputs
+    return None
+
+
+def _registered_names() -> list[str]:
+    return sorted(name for registry, _, _ in _FAMILIES for name in registry)
+
+
+def _kind(value: Any) -> str | None:
+    """What a Python scalar is, for hyperparameter messages; None for anything else (arrays, None)."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, numbers.Real):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return None
+
+
+def objective(name: str, **hparams) -> Objective:
+    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE`` or ``REWARD``)."""
+    found = _lookup(name)
+    if found is None:
+        raise ValueError(f"Unknown objective `name`={name!r}; known names: {_registered_names()}.")
+    spec, loss_fn, inputs = found
+    spec.resolve_hparams(name, hparams)  # fail now on a misspelt hyperparameter, not at call
+    for key, value in hparams.items():  # and on a string for a number (a config typo), not inside jit
+        expected, got = _kind(spec.defaults[key]), _kind(value)
+        if expected and got and expected != got:
+            raise ValueError(
+                f"Hyperparameter `{key}`={value!r} of objective {name!r} must be {expected}, like its "
+                f"default {spec.defaults[key]!r}."
+            )
+    term = Term(1.0, name, functools.partial(loss_fn, name), dict(hparams), inputs, frozenset(spec.defaults))
+    return Objective((term,))
+
+
+_SUM_FORMAT = "write terms as `name` or `weight*name` joined by `+`, e.g. 'sigmoid + 0.2*sft'"
+
+
+def parse_objective(text: str, names: Collection[str] | None = None, /, **hparams) -> Objective:
+    """The objective written ``text``: a registered name or a weighted sum such as ``"sigmoid + 0.2*sft"``.
+
+    Each term is ``name`` or ``weight*name`` (a decimal weight), so ``parse_objective("sigmoid +
+    0.2*sft")`` is ``objective("sigmoid") + 0.2 * objective("sft")``. ``names`` restricts the
+    names allowed (those a kind of run can train, say); by default every registered one. Each
+    hyperparameter goes to the terms that accept it, as :meth:`Objective.with_` does. An unknown
+    name, a bad weight and a hyperparameter no term accepts raise a ValueError.
+
+    >>> parse_objective("simpo + 0.5*sft", gamma=0.3)
+    Objective(1.0 * simpo(gamma=0.3) + 0.5 * sft())
+    >>> parse_objective("sigmoid + 0.2*sfft")
+    Traceback (most recent call last):
+    ValueError: 'sfft' in objective 'sigmoid + 0.2*sfft' is not a known objective; use one of [...
+    """
+    known = sorted(names) if names is not None else _registered_names()
+    parts, accepted = [], set()
+    for part in text.split("+"):
+        weight_text, star, name = (piece.strip() for piece in part.rpartition("*"))
+        found = _lookup(name) if name in known else None
+        if found is None:
+            raise ValueError(
+                f"{name!r} in objective {text!r} is not a known objective; use one of {known} ({_SUM_FORMAT})."
+            )
+        try:
+            weight = float(weight_text) if star else 1.0
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(
+                f"Weight {weight_text!r} of {name!r} in objective {text!r} is not a finite number ({_SUM_FORMAT})."
+            )
+        defaults = found[0].defaults
+        accepted |= defaults.keys()
+        parts.append(weight * objective(name, **{k: v for k, v in hparams.items() if k in defaults}))
+    unused = sorted(set(hparams) - accepted)
+    if unused:
+        raise ValueError(
+            f"No term of objective {text!r} accepts hyperparameter(s) {unused}; they accept {sorted(accepted)}."
+        )
+    return sum(parts, start=0)
 
 
 def combine(objectives: Sequence[Objective], weights: Sequence[float] | None = None) -> Objective:

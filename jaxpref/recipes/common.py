@@ -1,5 +1,6 @@
-"""Building blocks every experiment shares: mesh, tokenizer, policy, optimizer, one training run,
-and batched sampling. Each is a small function of a config, so notebooks can use them piecemeal.
+"""Building blocks every recipe shares: mesh, tokenizer, policy, optimizer, the training loop with
+its run folder, and batched sampling. Each is a small function of a config, so notebooks and
+studies can use them piecemeal.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,7 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from experiments.configs import (
+from jaxpref.data import load_tokenizer
+from jaxpref.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
+from jaxpref.models.lora import apply_lora, has_lora, save_adapters
+from jaxpref.models.sampling import SamplingConfig, generate
+from jaxpref.recipes.configs import (
     CHAR_TOKENIZER,
     LoRAConfig,
     MeshConfig,
@@ -28,26 +32,11 @@ from experiments.configs import (
     OptimizerConfig,
     RunConfig,
 )
-from jaxpref.data import TokenizeOptions, load_tokenizer, make_loader, prepare_dataset
-from jaxpref.data.loader import dataset_metadata
-from jaxpref.models import Decoder, DecoderConfig, from_pretrained, save_pretrained
-from jaxpref.models.lora import apply_lora, has_lora, save_adapters
-from jaxpref.models.sampling import SamplingConfig, generate
-from jaxpref.objectives import Objective, objective
-from jaxpref.overrides import to_dict
 from jaxpref.sharding import make_mesh
 from jaxpref.train.checkpoint import make_checkpoint_manager
 from jaxpref.train.loop import train
 from jaxpref.train.metrics import DEFAULT_PLOT_KEYS, MetricsWriter
-from jaxpref.train.reference import ReferenceLogps, cached_reference_logps
-from jaxpref.train.step import TrainState, build_step
-
-logger = logging.getLogger(__name__)
-
-# Row layout of the data -> train-step family.
-FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
-# Train-step family -> the row layout it reads: each layout's own, and reward models on pairs.
-FAMILY_LAYOUTS = {**{family: layout for layout, family in FAMILIES.items()}, "reward": "pairwise"}
+from jaxpref.train.step import TrainState
 
 
 def build_mesh(config: MeshConfig) -> Mesh:
@@ -134,128 +123,6 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=config.weight_decay),
     )
-
-
-class _WithReference:
-    """A data iterator whose batches get their cached reference log-probs attached."""
-
-    def __init__(self, iterator, reference: ReferenceLogps):
-        self.iterator, self.reference = iterator, reference
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return self.reference.attach(next(self.iterator))
-
-    def get_state(self) -> dict[str, Any]:
-        return self.iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.iterator.set_state(state)
-
-
-def prepare_train_data(config: RunConfig, tokenizer):
-    """``(data source, report)`` of the run's training files, stored under ``runs/<name>/data``.
-
-    Preparing the same files again reuses the stored dataset.
-    """
-    if not config.data.train_files:
-        raise ValueError("`data.train_files` is empty: pass local JSONL or Parquet files.")
-    options = TokenizeOptions(
-        max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
-    )
-    return prepare_dataset(
-        list(config.data.train_files), config.data.layout, config.run_dir / "data", tokenizer, options=options
-    )
-
-
-def _run_family(config: RunConfig, family: str | None) -> str:
-    """The train-step family: ``family``, checked against the data layout, or the layout's own."""
-    layout = config.data.layout
-    if family is None:
-        if layout not in FAMILIES:
-            raise ValueError(
-                f"`data.layout`={layout!r} cannot be trained here; use one of {sorted(FAMILIES)}."
-            )
-        return FAMILIES[layout]
-    if family not in FAMILY_LAYOUTS:
-        raise ValueError(f"`family`={family!r} must be one of {sorted(FAMILY_LAYOUTS)}.")
-    if FAMILY_LAYOUTS[family] != layout:
-        raise ValueError(
-            f"`family`={family!r} trains on {FAMILY_LAYOUTS[family]!r} rows, but `data.layout`={layout!r}."
-        )
-    return family
-
-
-def train_run(
-    config: RunConfig,
-    model: nnx.Module,
-    tokenizer,
-    mesh: Mesh,
-    *,
-    family: str | None = None,
-    loss: Objective | None = None,
-) -> nnx.Module:
-    """Prepares the data, trains ``model`` in place, and writes the run folder.
-
-    ``family`` is the train-step family (:func:`~jaxpref.train.step.build_step`); by default the
-    data layout's own (``sft``, ``pairwise``, ``unpaired``). ``"reward"`` trains a
-    :class:`~jaxpref.models.heads.RewardModel` (or preference-embedding model) on pairwise data.
-    SFT and reward runs have no reference, whatever ``train.reference`` says. ``loss`` is the
-    objective; by default the registered ``config.objective.name`` with ``config.objective.hparams``.
-
-    ``runs/<name>/`` gets ``config.json`` (resolved), ``data/`` (the prepared dataset and its bad-row
-    report), ``checkpoints/`` (orbax; an interrupted run resumes from the latest), ``metrics/``
-    (JSONL, TensorBoard, ``curves.png``) and ``hf/`` (the trained weights in Hugging Face layout).
-    """
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lead = jax.process_index() == 0  # in a multi-host run, process 0 writes the files
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    family = _run_family(config, family)
-    source, report = prepare_train_data(config, tokenizer)
-    print(report)
-    reference = "none" if family in ("sft", "reward") else config.train.reference
-    if loss is None and family != "sft":
-        loss = objective(config.objective.name, **config.objective.hparams)
-    step = build_step(
-        model,
-        loss,
-        make_optimizer(config.optimizer, config.train.steps),
-        mesh,
-        reference=reference,
-        family=family,
-        grad_accum_steps=config.train.grad_accum_steps,
-        chunk_size=config.train.chunk_size,
-    )
-    loader_options = dict(prefix_sharing=config.data.prefix_sharing)
-    iterator = iter(
-        make_loader(source, config.data.batch_size, seed=config.data.seed, num_epochs=None, **loader_options)
-    )
-    if reference == "cached":
-        if jax.process_count() > 1:
-            raise ValueError(
-                "`train.reference`='cached' is single-host for now (the cache is keyed by host-local "
-                "examples); use train.reference=frozen on a multi-host run."
-            )
-        # One pass in dataset order, every row once (the last, partial batch included).
-        batches = lambda: iter(  # noqa: E731
-            make_loader(source, config.data.batch_size, shuffle=False, drop_remainder=False, **loader_options)
-        )
-        logps, _ = cached_reference_logps(
-            run_dir / "reference_cache",
-            model,
-            batches,
-            family=family,
-            dataset_fingerprint=dataset_metadata(source)["fingerprint"],
-            mesh=mesh,
-            chunk_size=config.train.chunk_size,
-        )
-        iterator = _WithReference(iterator, logps)
-    train_and_export(config, step, iterator, model, tokenizer)
-    return model
 
 
 def train_and_export(

@@ -1,8 +1,9 @@
-"""Experiment configs: plain frozen dataclasses, every default in one place.
+"""Run configs: plain frozen dataclasses, every default in one place.
 
 Override any field from the command line with ``--set section.field=value`` (see
 :mod:`jaxpref.overrides`); objective hyperparameters go straight under ``objective``
-(``--set objective.beta=0.2``).
+(``--set objective.beta=0.2``). The online algorithms' sections are the algorithms of
+:mod:`jaxpref.train.online` themselves, so their defaults and checks live there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE
+from jaxpref.train.online import GRPO, PPO, OnlineDPO
+
+# Package data: the character tokenizer of the bundled tasks and an example RewardBench-layout file.
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 CHAR_TOKENIZER = str(ASSETS / "char_tokenizer")
 
@@ -47,6 +52,8 @@ class DataConfig:
 class ObjectiveConfig:
     __extra_field__ = "hparams"  # unknown `objective.<key>=...` overrides land in `hparams`
 
+    # A registered name of the run's kind or a weighted sum of them, e.g. "sigmoid + 0.2*sft"
+    # (jaxpref.objectives.parse_objective); each hyperparameter goes to the terms that accept it.
     name: str = "sigmoid"
     hparams: dict = dataclasses.field(default_factory=dict)
 
@@ -74,7 +81,7 @@ class LoopConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_consecutive_nonfinite: int = 10
-    chunk_size: int = 1024  # LM-head tokens per chunk
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # LM-head tokens per chunk
     progress: bool = True
 
 
@@ -115,9 +122,6 @@ class RunConfig:
     @property
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.runs_dir) / self.name
-
-
-GPM = "gpm"  # `objective.name` of a General Preference Model run (jaxpref reward --objective gpm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,37 +234,16 @@ class RolloutConfig:
     preference_model: str | None = None
 
 
-# The algorithms' settings mirror jaxpref.train.online.GRPO, OnlineDPO and PPO field by field.
+# The algorithms are the config sections (subclassed where free-form overrides need a home), so
+# `--set grpo.beta=0.04` is checked as GRPO checks it, when the config is parsed.
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(GRPO):
     __extra_field__ = "loss_hparams"  # unknown `grpo.<key>=...` overrides (epsilon_high=0.28, ...) land here
 
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | gspo | gspo_token | cispo | sapo
-    advantage: str = "grpo"  # grpo | rloo | reinforce++
-    scale_rewards: str = "group"  # grpo advantages: group | batch | none
-    beta: float = 0.0  # KL to the initial policy; 0 keeps no reference
-    kl_estimator: str = "k3"
-    loss_hparams: dict = dataclasses.field(default_factory=dict)
-
 
 @dataclasses.dataclass(frozen=True)
-class OnlineDPOConfig:
+class OnlineDPOConfig(OnlineDPO):
     __extra_field__ = "hparams"
-
-    loss_type: str = "sigmoid"  # a pairwise objective: sigmoid (DPO), ipo, hinge, ...
-    beta: float = 0.1
-    hparams: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +263,7 @@ class OnlineRunConfig:
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
     online_dpo: OnlineDPOConfig = OnlineDPOConfig()
-    ppo: PPOConfig = PPOConfig()
+    ppo: PPO = PPO()
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6)
     mesh: MeshConfig = MeshConfig()
     train: OnlineTrainConfig = OnlineTrainConfig()
@@ -302,27 +285,3 @@ ONLINE_SUBCOMMAND_CONFIGS = {
         name="ppo", algorithm="ppo", rollout=RolloutConfig(num_generations=1, num_iterations=4)
     ),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPODemoConfig:
-    """``python -m experiments.grpo``: the main job's SFT stage, then GRPO on the exact sorting checker."""
-
-    name: str = "grpo_demo"
-    runs_dir: str = "runs"
-    seed: int = 0
-    sft_examples: int = 3000
-    # An SFT model folder to start from (e.g. runs/demo/sft/hf); None trains one as the main job does.
-    sft_checkpoint: str | None = None
-    train_prompts: int = 4096
-    eval_prompts: int = 512
-    samples_per_eval_prompt: int = 4
-    model: ModelConfig = ModelConfig()
-    sft: RunConfig = DemoConfig().sft
-    grpo: OnlineRunConfig = OnlineRunConfig(
-        name="grpo",
-        data=PromptDataConfig(batch_size=16, max_prompt_length=16, bucket=8),
-        rollout=RolloutConfig(max_new_tokens=8, reward_funcs=("sorting_exact",)),
-        optimizer=OptimizerConfig(learning_rate=1e-4, warmup_steps=10),
-        train=OnlineTrainConfig(steps=200, checkpoint_every=200),
-    )

@@ -11,7 +11,7 @@
    DPO's implicit reward on held-out pairs labelled by the hidden reward.
 
 Every stage writes to ``runs/demo/`` (datasets, checkpoints, metrics, plots, HF weights, results).
-Run: ``python -m experiments.demo [--set dpo.train.steps=200 ...]``.
+Run: ``jaxpref demo [--set dpo.train.steps=200 ...]`` (``make demo``).
 """
 
 from __future__ import annotations
@@ -22,19 +22,13 @@ import pathlib
 import jax
 import numpy as np
 
-from experiments.configs import DemoConfig
-from experiments.pipeline import (
-    build_mesh,
-    build_policy,
-    build_tokenizer,
-    replace_run,
-    sample_completions,
-    train_run,
-)
 from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
 from jaxpref.data.synthetic import SortingTask, hidden_reward, prompts, sft_rows, write_jsonl
 from jaxpref.models import from_pretrained
-from jaxpref.overrides import config_from_argv, to_dict
+from jaxpref.overrides import to_dict
+from jaxpref.recipes.common import build_mesh, build_policy, build_tokenizer, replace_run, sample_completions
+from jaxpref.recipes.configs import DemoConfig
+from jaxpref.recipes.offline import run_objective, train_run
 from jaxpref.train.reference import compute_reference_logps
 
 
@@ -100,6 +94,7 @@ def evaluate(sft_model, dpo_model, tokenizer, eval_prompts, rng, samples, max_ne
 
 
 def run_demo(config: DemoConfig) -> dict[str, float]:
+    loss = run_objective(config.dpo)  # a bad DPO objective setting fails now, not after SFT
     mesh = build_mesh(config.sft.mesh)
     tokenizer = build_tokenizer(config.model)
     run_dir = pathlib.Path(config.runs_dir) / config.name
@@ -123,7 +118,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     )
     pairs_file = write_jsonl(run_dir / "pairs.jsonl", pairs)
     dpo_config = replace_run(config.dpo, runs_dir=str(run_dir), data__train_files=(str(pairs_file),))
-    dpo_model = train_run(dpo_config, policy, tokenizer, mesh)
+    dpo_model = train_run(dpo_config, policy, tokenizer, mesh, loss=loss)
 
     eval_prompts = prompts(task, config.eval_prompts, seed=config.seed + 2)
     results = evaluate(
@@ -166,12 +161,3 @@ def print_table(results: dict[str, float], config: DemoConfig) -> None:
     print(
         f"{'DPO preference accuracy':<28}{results['dpo_preference_accuracy']:>16.1%}  (held-out labelled pairs)"
     )
-
-
-def main(argv=None) -> dict[str, float]:
-    description = "The default jaxpref pipeline: SFT -> pairs -> DPO -> eval."
-    return run_demo(config_from_argv(DemoConfig(), description, argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,7 +19,7 @@
 
 Everything lands in ``runs/diffusion/`` (each stage's checkpoints and metrics, ``results.json``,
 ``samples.png``); rerunning resumes finished stages from their checkpoints.
-Run: ``python -m experiments.diffusion [--set pretrain.steps=2000 ...]`` or ``jaxpref diffusion``.
+Run: ``jaxpref diffusion [--set pretrain.steps=2000 ...]``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure
 
-from experiments.configs import MeshConfig, OptimizerConfig
-from experiments.pipeline import build_mesh, make_optimizer
 from jaxpref.data.images import (
     HELD_OUT_PROMPTS,
     REWARD_COMPONENTS,
@@ -55,14 +53,16 @@ from jaxpref.data.images import (
     train_prompts,
 )
 from jaxpref.models.diffusion import Denoiser, DenoiserConfig, SamplerConfig
-from jaxpref.overrides import config_from_argv, to_dict
+from jaxpref.overrides import to_dict
+from jaxpref.recipes.common import build_mesh, make_optimizer
+from jaxpref.recipes.configs import MeshConfig, OptimizerConfig
 from jaxpref.train import MetricsWriter, make_checkpoint_manager, train
 from jaxpref.train.diffusion import (
+    Denoising,
     DiffusionDPO,
     DiffusionKTO,
     DiffusionMethod,
     DiffusionStep,
-    Denoising,
     FlowDPO,
     RewardBackprop,
     build_diffusion_step,
@@ -92,7 +92,7 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionExperimentConfig:
-    """``python -m experiments.diffusion`` / ``jaxpref diffusion``: every default in one place."""
+    """``jaxpref diffusion``: every default in one place."""
 
     name: str = "diffusion"
     runs_dir: str = "runs"
@@ -354,12 +354,3 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
         cells = [f"{metrics[c]:.0f}" if c == "seconds" else f"{metrics[c]:.3f}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def main(argv=None) -> dict[str, dict[str, float]]:
-    description = "Diffusion / flow preference optimisation on the shapes task."
-    return run_diffusion(config_from_argv(DiffusionExperimentConfig(), description, argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -24,8 +24,13 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from experiments.configs import OnlineRunConfig
-from experiments.pipeline import (
+from jaxpref.data.prompts import PromptBatches
+from jaxpref.data.rows import read_records
+from jaxpref.inference.reward import load_reward_model
+from jaxpref.models import CausalLMWithValueHead, Decoder
+from jaxpref.models.sampling import SamplingConfig
+from jaxpref.overrides import to_dict
+from jaxpref.recipes.common import (
     build_mesh,
     build_policy,
     build_tokenizer,
@@ -33,12 +38,7 @@ from experiments.pipeline import (
     read_metrics,
     train_and_export,
 )
-from jaxpref.data.prompts import PromptBatches
-from jaxpref.data.rows import read_records
-from jaxpref.inference.reward import load_reward_model
-from jaxpref.models import CausalLMWithValueHead, Decoder
-from jaxpref.models.sampling import SamplingConfig
-from jaxpref.overrides import to_dict
+from jaxpref.recipes.configs import OnlineRunConfig
 from jaxpref.train.online import GRPO, PPO, OnlineDPO, OnlineStep, build_online_step
 from jaxpref.train.preference_rewards import PREFERENCE_REWARD_NAME, load_win_rate_reward
 from jaxpref.train.rewards import RewardFn, resolve_reward_fn, reward_model_reward

@@ -28,12 +28,12 @@ head starts fresh; the ``hf/`` folder of an earlier reward run with the same hea
 is a fresh tiny backbone with the tokenizer's vocabulary.
 
 ``runs/<name>/`` gets what every run writes (``config.json``, ``data/``, ``checkpoints/``,
-``metrics/``; see :func:`experiments.pipeline.train_run`), ``hf/`` (scalar heads and ensembles in
+``metrics/``; see :func:`jaxpref.recipes.offline.train_run`), ``hf/`` (scalar heads and ensembles in
 ``transformers``' ``*ForSequenceClassification`` layout, GPMs with their embedding size in the
 config; both with the preference probability's link, :func:`preference_link`), and
 ``results.json``: the last step's metrics plus the final model's accuracy over every training
 pair. With ``reward.eval_files`` the model is then evaluated on them
-(:mod:`experiments.reward_eval`). From the command line:
+(:mod:`jaxpref.recipes.reward_eval`). From the command line:
 ``jaxpref reward --data prefs.jsonl [--model /models/Qwen3-0.6B] [--objective gpm] [--eval bench.jsonl]``.
 """
 
@@ -54,31 +54,26 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments.configs import GPM, RewardConfig, RewardRunConfig
-from experiments.pipeline import (
-    build_mesh,
-    build_policy,
-    build_tokenizer,
-    prepare_train_data,
-    read_metrics,
-    train_run,
-)
-from experiments.reward_eval import (
-    LINK_KEY,
-    OBJECTIVE_WEIGHTS_KEY,
-    TEMPERATURE_KEY,
-    evaluate_reward_model,
-    preference_scores,
-)
 from jaxpref.data import make_loader
 from jaxpref.models import DecoderConfig, PreferenceEmbeddingModel, RewardModel
-from jaxpref.objectives import REWARD, Objective, objective
+from jaxpref.objectives import REWARD, Objective, parse_objective
 from jaxpref.objectives.reward import (
     ensemble_reward_loss,
     ensemble_rewards,
     gpm_loss,
     multi_objective_loss,
     rating_regression_loss,
+)
+from jaxpref.recipes.common import build_mesh, build_policy, build_tokenizer, read_metrics
+from jaxpref.recipes.configs import RewardConfig, RewardRunConfig
+from jaxpref.recipes.objectives import GPM, family_objectives
+from jaxpref.recipes.offline import prepare_train_data, train_run
+from jaxpref.recipes.reward_eval import (
+    LINK_KEY,
+    OBJECTIVE_WEIGHTS_KEY,
+    TEMPERATURE_KEY,
+    evaluate_reward_model,
+    preference_scores,
 )
 from jaxpref.train.batches import (
     ROW_FIELDS,
@@ -187,12 +182,12 @@ def _ignoring_ratings(loss: Objective) -> Objective:
 
 
 def reward_objective(config: RewardRunConfig) -> Objective:
-    """The run's objective; checks the objective and ``config.reward`` before anything is built."""
+    """The run's objective; checks the objective and ``config.reward`` before anything is built.
+
+    ``objective.name`` is ``gpm``, or a reward objective of ``REWARD`` or a weighted sum of them
+    (:func:`~jaxpref.objectives.parse_objective`).
+    """
     name, hparams, reward = config.objective.name, config.objective.hparams, config.reward
-    if name != GPM and name not in REWARD:
-        raise ValueError(
-            f"`objective.name`={name!r} is not a reward objective; use one of {sorted([*REWARD, GPM])}."
-        )
     if type(reward.ensemble_size) is not int or reward.ensemble_size < 1:
         raise ValueError(f"`reward.ensemble_size` must be a positive int, got {reward.ensemble_size!r}.")
     # A bad ensemble_method or uncertainty_coefficient fails now, not after training.
@@ -215,7 +210,7 @@ def reward_objective(config: RewardRunConfig) -> Objective:
                 f"`objective` {GPM!r} got unknown hyperparameter(s) {unknown}; it accepts {GPM_HPARAMS}."
             )
         return _ignoring_ratings(Objective.from_fn(gpm_loss, name=GPM, **hparams))
-    member = objective(name, **hparams)
+    member = parse_objective(name, family_objectives("reward"), **hparams)
     if reward.ensemble_size == 1:
         return _ignoring_ratings(member)
     ensemble = Objective.from_fn(functools.partial(ensemble_reward_loss, member), name=f"ensemble_{name}")
@@ -281,7 +276,7 @@ def preference_link(
     objective_name: str, hparams: Mapping[str, Any], reward: RewardConfig = RewardConfig()
 ) -> tuple[str, float]:
     """``(link, temperature)``: the model's ``P(y_w > y_l) = link(s / temperature)`` under its
-    objective, for the calibration of :mod:`experiments.reward_eval`."""
+    objective, for the calibration of :mod:`jaxpref.recipes.reward_eval`."""
     if reward.objective_weights:  # sigmoid(beta * (R_w - R_l))
         return "logistic", 1.0 / float(hparams.get("beta", 1.0))
     if objective_name == "thurstone":  # Phi((r_w - r_l) / (sqrt(2) sigma))
@@ -301,7 +296,7 @@ def pair_scores(
 ) -> np.ndarray:
     """Preference score of every pair in ``batches``, in order, ``[pairs]``: the chosen minus the
     rejected reward, or the General Preference Model score (see
-    :func:`experiments.reward_eval.preference_scores`).
+    :func:`jaxpref.recipes.reward_eval.preference_scores`).
 
     ``batches`` are pairwise loader batches (prefix-shared or not).
     """
@@ -323,7 +318,7 @@ def pair_scores(
     scores = []
     for batch in batches:
         fields = {k: batch[k] for k in (*ROW_FIELDS, *SEQUENCE_FIELDS) if batch.get(k) is not None}
-        scores.append(np.asarray(jax.device_get(score(state, shard_batch(fields, mesh, family="reward")))))
+        scores.append(np.asarray(jax.device_get(score(state, shard_batch(fields, mesh, groups=2)))))
     return np.concatenate(scores)
 
 

@@ -46,8 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.configs import RewardConfig, RewardRunConfig
-from experiments.pipeline import build_tokenizer
 from jaxpref.data.report import BadRow, PreparationReport
 from jaxpref.data.rows import parse_row, read_records
 from jaxpref.data.tokenize import TokenizeOptions, tokenize_rows
@@ -55,12 +53,14 @@ from jaxpref.inference.reward import load_reward_model, preference_embeddings, s
 from jaxpref.metrics import expected_calibration_error
 from jaxpref.models import PreferenceEmbeddingModel, RewardModel
 from jaxpref.objectives.reward import ensemble_rewards, gpm_preference_score, multi_objective_rewards
+from jaxpref.recipes.common import build_tokenizer
+from jaxpref.recipes.configs import RewardConfig, RewardRunConfig
 
 OTHER = "other"
 UNLABELLED = "unlabelled"
 RESULTS_FILE, PLOT_FILE = "reward_eval.json", "reward_eval.png"
 # The preference probability P(y_w > y_l) = link(s / temperature) of a model, stored by reward runs
-# in their hf/config.json (see experiments.reward.preference_link).
+# in their hf/config.json (see jaxpref.recipes.reward.preference_link).
 LINK_KEY, TEMPERATURE_KEY = "preference_link", "preference_temperature"
 # Multi-objective heads' weights, also stored there (with the heads' names as `id2label`).
 OBJECTIVE_WEIGHTS_KEY = "reward_objective_weights"
@@ -363,7 +363,7 @@ def evaluate_reward_model(
 
     Rows are tokenised with ``config.data.max_length`` / ``max_prompt_length`` and scored
     ``config.data.batch_size`` at a time; ``link`` and ``temperature`` give the preference
-    probability for calibration (:func:`experiments.reward.preference_link`).
+    probability for calibration (:func:`jaxpref.recipes.reward.preference_link`).
     """
     options = TokenizeOptions(
         max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length

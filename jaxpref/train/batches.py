@@ -22,7 +22,7 @@ A batch is a dict of NumPy arrays with fixed shapes (so the step compiles once):
   scales at the prompt's last token (:func:`packed_preference_embeddings`). Optional per-pair
   ``[B]`` arrays ``margin`` and ``target_probability``, and ``[B, attributes]`` ratings
   ``chosen_ratings`` / ``rejected_ratings`` (NaN where missing, as the loader gives them), go to
-  the objective (:mod:`jaxpref.objectives.reward`; ``experiments.reward``'s multi-objective heads).
+  the objective (:mod:`jaxpref.objectives.reward`; ``jaxpref.recipes.reward``'s multi-objective heads).
 - **listwise** (ranked lists): ``K * B`` sequences, sequence ``k * B + b`` response ``k`` of
   example ``b``; ``scores`` and ``response_mask`` ``[B, K]``; ``ref_logps`` ``[B, K]`` when precomputed.
 

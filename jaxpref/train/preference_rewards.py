@@ -23,7 +23,7 @@ The judge is a jaxpref reward model sharing the policy's tokenizer:
 :mod:`jaxpref.train.rewards`: keyword arguments over the whole batch, whose rows are the prompts'
 groups of ``num_generations`` consecutive completions (as :class:`~jaxpref.train.online.OnlineStep`
 samples them). Online runs use it with ``--set rollout.preference_model=runs/gpm/hf``
-(``experiments/online.py``), scored as ``"preference_win_rate"``.
+(``jaxpref/recipes/online.py``), scored as ``"preference_win_rate"``.
 
 Reference: Wang et al., "Pref-GRPO: Pairwise Preference Reward-based GRPO for Stable
 Text-to-Image Reinforcement Learning", arXiv:2508.20751.
@@ -53,7 +53,7 @@ from jaxpref.objectives.policy_gradient import group_win_rates
 from jaxpref.objectives.reward import gpm_preference_score, multi_objective_rewards
 
 # The name online runs score it under, and the config.json keys `jaxpref reward` writes (the same
-# strings as experiments.reward_eval's LINK_KEY, TEMPERATURE_KEY and OBJECTIVE_WEIGHTS_KEY).
+# strings as jaxpref.recipes.reward_eval's LINK_KEY, TEMPERATURE_KEY and OBJECTIVE_WEIGHTS_KEY).
 PREFERENCE_REWARD_NAME = "preference_win_rate"
 LINK_KEY, TEMPERATURE_KEY = "preference_link", "preference_temperature"
 OBJECTIVE_WEIGHTS_KEY = "reward_objective_weights"

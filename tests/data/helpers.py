@@ -3,7 +3,9 @@
 import json
 import pathlib
 
-CHAR_TOKENIZER = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "assets" / "char_tokenizer"
+CHAR_TOKENIZER = (
+    pathlib.Path(__file__).resolve().parents[2] / "jaxpref" / "recipes" / "assets" / "char_tokenizer"
+)
 PAD, BOS, EOS = 0, 1, 2
 # Turns end in ";" (users) or EOS (the assistant); the generation prompt is "assistant: ".
 CHAT_TEMPLATE = (

@@ -2,7 +2,9 @@
 
 import json
 
-from experiments import demo
+from jaxpref.overrides import apply_overrides
+from jaxpref.recipes.configs import DemoConfig
+from jaxpref.recipes.demo import run_demo
 
 SMALL = [
     "sft_examples=1500",
@@ -17,7 +19,7 @@ SMALL = [
 
 
 def test_dpo_beats_sft_on_the_hidden_reward(tmp_path):
-    results = demo.main([f"--set={s}" for s in [*SMALL, f"runs_dir={tmp_path}"]])
+    results = run_demo(apply_overrides(DemoConfig(), [*SMALL, f"runs_dir={tmp_path}"]))
     assert results["dpo_hidden_reward"] > results["sft_hidden_reward"] + 0.03
     assert results["dpo_win_rate"] > 0.5
     assert results["dpo_preference_accuracy"] > 0.7

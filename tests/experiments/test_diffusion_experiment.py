@@ -1,12 +1,11 @@
-"""experiments/diffusion.py without training (the steps and samplers it runs have their own tests):
+"""jaxpref/recipes/diffusion.py without training (the steps and samplers it runs have their own tests):
 the CLI wiring, the check on methods, the stage lookup and the results table."""
 
 import pytest
 
-import experiments.diffusion
-
-from experiments.diffusion import METHODS, DiffusionExperimentConfig, markdown_table, run_diffusion
+import jaxpref.recipes.diffusion
 from jaxpref.cli import main
+from jaxpref.recipes.diffusion import METHODS, DiffusionExperimentConfig, markdown_table, run_diffusion
 
 
 def test_cli_passes_methods_and_overrides_to_the_experiment(tmp_path):
@@ -22,7 +21,7 @@ def test_cli_passes_methods_and_overrides_to_the_experiment(tmp_path):
 )
 def test_each_method_has_its_subcommand(monkeypatch, command, method):
     configs = []
-    monkeypatch.setattr(experiments.diffusion, "run_diffusion", configs.append)
+    monkeypatch.setattr(jaxpref.recipes.diffusion, "run_diffusion", configs.append)
     assert main([command, "--name", "mine", "--set", f"{method.replace('-', '_')}.steps=7"]) == 0
     (config,) = configs
     assert config.methods == (method,) and config.name == "mine" and config.stage(method).steps == 7

@@ -1,4 +1,4 @@
-"""Multi-objective reward heads (experiments.reward with reward.objective_weights): the loss by hand,
+"""Multi-objective reward heads (jaxpref.recipes.reward with reward.objective_weights): the loss by hand,
 a tiny run through `jaxpref reward`, and the weighted combination of the heads as the score."""
 
 import dataclasses
@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from experiments.configs import CHAR_TOKENIZER, ObjectiveConfig, RewardConfig, RewardRunConfig
-from experiments.reward import reward_objective
-from experiments.reward_eval import RESULTS_FILE, bench_results, preference_scores
 from jaxpref.cli import main
 from jaxpref.data import load_tokenizer
 from jaxpref.data.synthetic import SortingTask, digits, hidden_reward, prompts, write_jsonl
 from jaxpref.inference.reward import load_reward_model, score_responses
+from jaxpref.recipes.configs import CHAR_TOKENIZER, ObjectiveConfig, RewardConfig, RewardRunConfig
+from jaxpref.recipes.reward import reward_objective
+from jaxpref.recipes.reward_eval import RESULTS_FILE, bench_results, preference_scores
 
 WEIGHTS = (0.7, 0.3)
 NAMES = ("correct", "exact")

@@ -1,14 +1,14 @@
 """Online runs from the command line: `jaxpref grpo` (run folder, resume, reward functions by name),
 and the online subcommands' configs (rloo is GRPO with leave-one-out advantages; every algorithm
-section mirrors its algorithm's fields and defaults)."""
+section is its algorithm, with the library's defaults)."""
 
 import dataclasses
 import json
 
-from experiments.configs import ONLINE_SUBCOMMAND_CONFIGS
-from experiments.online import build_algorithm
 from jaxpref.cli import main
 from jaxpref.data.synthetic import SortingTask, prompts, write_jsonl
+from jaxpref.recipes.configs import ONLINE_SUBCOMMAND_CONFIGS
+from jaxpref.recipes.online import build_algorithm
 from jaxpref.train.online import GRPO, PPO, OnlineDPO
 
 

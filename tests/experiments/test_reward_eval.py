@@ -1,4 +1,4 @@
-"""RewardBench-style evaluation (experiments.reward_eval): numbers against hand computations, the
+"""RewardBench-style evaluation (jaxpref.recipes.reward_eval): numbers against hand computations, the
 bundled file, and the `jaxpref reward --eval` / `jaxpref reward-eval` commands."""
 
 import json
@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.configs import CHAR_TOKENIZER, DataConfig, RewardConfig, RewardRunConfig
 from experiments.make_reward_bench import BENCH_FILE, bench_rows
-from experiments.reward_eval import (
+from jaxpref.cli import main
+from jaxpref.data import load_tokenizer
+from jaxpref.inference.reward import score_responses
+from jaxpref.models import DecoderConfig, RewardModel
+from jaxpref.recipes.configs import CHAR_TOKENIZER, DataConfig, RewardConfig, RewardRunConfig
+from jaxpref.recipes.reward_eval import (
     PLOT_FILE,
     RESULTS_FILE,
     bench_results,
@@ -19,10 +23,6 @@ from experiments.reward_eval import (
     preference_probabilities,
     read_bench,
 )
-from jaxpref.cli import main
-from jaxpref.data import load_tokenizer
-from jaxpref.inference.reward import score_responses
-from jaxpref.models import DecoderConfig, RewardModel
 
 TOKENIZER = load_tokenizer(CHAR_TOKENIZER)
 TINY_MODEL = [

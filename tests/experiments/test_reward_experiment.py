@@ -9,7 +9,10 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from experiments.configs import (
+from jaxpref.data.synthetic import SortingTask, digits, prompts, write_jsonl
+from jaxpref.models import DecoderConfig
+from jaxpref.recipes.common import read_metrics
+from jaxpref.recipes.configs import (
     DataConfig,
     ObjectiveConfig,
     OptimizerConfig,
@@ -17,10 +20,7 @@ from experiments.configs import (
     RewardRunConfig,
     TrainConfig,
 )
-from experiments.pipeline import read_metrics
-from experiments.reward import reward_model_class, reward_objective, run_reward
-from jaxpref.data.synthetic import SortingTask, digits, prompts, write_jsonl
-from jaxpref.models import DecoderConfig
+from jaxpref.recipes.reward import reward_model_class, reward_objective, run_reward
 
 STEPS = 150
 
@@ -74,7 +74,10 @@ def test_tiny_reward_run_ranks_correct_sorts_above_corrupted_ones(tmp_path):
 
 
 def test_a_policy_objective_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="`objective.name`='sigmoid'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'sigmoid' in objective 'sigmoid' is not a known objective; use one of \['bradley_terry'",
+    ):
         run_reward(reward_config(tmp_path, objective=ObjectiveConfig("sigmoid")))
     assert not (tmp_path / "reward").exists()
 

@@ -1,11 +1,11 @@
-"""Composition of objectives: weighted sums, combine, with_, custom terms, transforms and errors."""
+"""Composition of objectives: weighted sums, combine, with_, custom terms, transforms, parsing and errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpref.objectives import Objective, combine, objective
+from jaxpref.objectives import PAIRWISE, Objective, combine, objective, parse_objective
 
 from .helpers import (
     assert_close,
@@ -144,8 +144,18 @@ def test_composed_objective_under_jit_grad_and_vmap():
         (lambda: rpo().with_(temperature=1.0), "`temperature`"),
         (lambda: combine([objective("sigmoid"), objective("sft")], [1.0]), "`weights`"),
         (lambda: combine([]), "`objectives`"),
+        (lambda: objective("sigmoid", beta="abc"), "`beta`='abc' of objective 'sigmoid' must be a number"),
+        (lambda: objective("sigmoid", f_divergence_type=1.0), "must be a string"),
     ],
-    ids=["unknown-name", "unknown-hparam", "with-unknown", "weights-length", "empty"],
+    ids=[
+        "unknown-name",
+        "unknown-hparam",
+        "with-unknown",
+        "weights-length",
+        "empty",
+        "string-number",
+        "number-string",
+    ],
 )
 def test_construction_errors_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
@@ -165,3 +175,59 @@ def test_input_no_term_reads_is_an_error(obj, keys):
     obj(**inputs)  # fine without the extra input
     with pytest.raises(ValueError, match=r"\['policy_logps'\]"):
         obj(**inputs, policy_logps=np.zeros(8))
+
+
+@pytest.mark.parametrize(
+    "text,built",
+    [
+        ("sigmoid + 0.2*sft", lambda: rpo().with_(beta=0.5)),
+        ("  sigmoid+0.2 * sft ", lambda: rpo().with_(beta=0.5)),
+        ("ipo", lambda: objective("ipo", beta=0.5)),
+        (
+            "1e-1*sigmoid + -0.5*ipo",
+            lambda: (0.1 * objective("sigmoid") - 0.5 * objective("ipo")).with_(beta=0.5),
+        ),
+    ],
+)
+def test_parse_objective_builds_what_the_python_api_builds(text, built):
+    parsed = parse_objective(text, beta=0.5)
+    assert repr(parsed) == repr(built())
+    assert_tree_close(parsed(**RPO_INPUTS), built()(**RPO_INPUTS))
+
+
+def test_parse_objective_gives_each_hyperparameter_to_the_terms_that_accept_it():
+    assert repr(parse_objective("simpo + 0.5*sft", gamma=0.3, beta=1.0)) == (
+        "Objective(1.0 * simpo(gamma=0.3, beta=1.0) + 0.5 * sft())"
+    )
+    assert repr(parse_objective("sft")) == "Objective(1.0 * sft())"
+
+
+@pytest.mark.parametrize(
+    "text,names,hparams,match",
+    [
+        (
+            "sigmoid + 0.2*sfft",
+            None,
+            {},
+            r"'sfft' in objective 'sigmoid \+ 0.2\*sfft' is not a known objective",
+        ),
+        ("kto", PAIRWISE, {}, r"use one of \['alphapo', 'aot', .*'sigmoid'"),  # not of this kind of run
+        ("sigmoid + ", None, {}, "'' in objective"),
+        ("sigmoid + abc*sft", None, {}, r"Weight 'abc' of 'sft' .* not a finite number .*`weight\*name`"),
+        ("sigmoid + inf*sft", None, {}, "Weight 'inf'"),
+        ("sigmoid + 0.2*sft", None, {"gamma": 1.0}, r"No term of .* accepts hyperparameter\(s\) \['gamma'\]"),
+        ("sigmoid", None, {"beta": "abc"}, "`beta`='abc' of objective 'sigmoid' must be a number"),
+    ],
+    ids=[
+        "unknown-name",
+        "other-kind",
+        "empty-term",
+        "bad-weight",
+        "infinite-weight",
+        "unused-hparam",
+        "bad-type",
+    ],
+)
+def test_parse_objective_errors_say_what_is_wrong(text, names, hparams, match):
+    with pytest.raises(ValueError, match=match):
+        parse_objective(text, names, **hparams)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import reward_eval
-from experiments.configs import OnlineRunConfig, RolloutConfig
-from experiments.online import build_reward_fns
 from jaxpref.models import save_pretrained
 from jaxpref.models.decoder import DecoderConfig
 from jaxpref.models.heads import PreferenceEmbeddingModel, RewardModel
 from jaxpref.objectives.policy_gradient import group_win_rates
 from jaxpref.objectives.reward import gpm_preference_score
+from jaxpref.recipes import reward_eval
+from jaxpref.recipes.configs import OnlineRunConfig, RolloutConfig
+from jaxpref.recipes.online import build_reward_fns
 from jaxpref.train import preference_rewards
 from jaxpref.train.preference_rewards import (
     PREFERENCE_REWARD_NAME,
