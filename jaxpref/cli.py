@@ -8,6 +8,8 @@
     jaxpref dpo --data prefs.jsonl --model runs/sft/hf --objective "sigmoid + 0.2*sft"   # RPO: DPO + NLL
     jaxpref dpo --data prefs.jsonl --model runs/sft/hf --set lora.rank=16 --set lora.targets='q_proj|v_proj'
     jaxpref kto --data unpaired.jsonl --model runs/sft/hf
+    jaxpref listwise --data ranked.jsonl --model runs/sft/hf --objective lipo_lambda   # K responses, scores
+    jaxpref tdpo --data prefs.jsonl --model runs/sft/hf --objective tdpo2             # token-level KL
     jaxpref reward --data prefs.jsonl --model /models/Qwen3-0.6B
     jaxpref reward --data prefs.jsonl --objective gpm --eval bench.jsonl   # General Preference Model
     jaxpref reward-eval --model runs/reward/hf --data bench.jsonl         # RewardBench-style evaluation
@@ -34,13 +36,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-_TRAINING = ("sft", "dpo", "kto", "reward")
+_TRAINING = ("sft", "dpo", "kto", "listwise", "tdpo", "reward")
 # Sample, score with reward functions, update (jaxpref/recipes/online.py).
 _ONLINE = ("grpo", "rloo", "online-dpo", "ppo")
 # Image generators on the shapes task (jaxpref/recipes/diffusion.py): subcommand -> its method there.
 _DIFFUSION = {"diffusion-dpo": "dpo", "diffusion-kto": "kto", "flow-dpo": "flow-dpo", "draft": "draft"}
 # The --objective subcommands -> the train-step family whose objectives they train.
-_OBJECTIVE_FAMILIES = {"dpo": "pairwise", "kto": "unpaired", "reward": "reward"}
+_OBJECTIVE_FAMILIES = {
+    "dpo": "pairwise", "kto": "unpaired", "listwise": "listwise", "tdpo": "token_level", "reward": "reward",
+}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -34,17 +34,30 @@ def files(tmp_path_factory):
         for side in ("chosen", "rejected")
         if rng.random() < 0.5 or side == "chosen"
     ]
+    ranked = [
+        {"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"], p["chosen"][:-1] + "9"][: 2 + i % 2],
+         "scores": [1.0, 0.0, 0.5][: 2 + i % 2]}
+        for i, p in enumerate(pairs)
+    ]  # fmt: skip
     return {
         "sft": write_jsonl(folder / "sft.jsonl", rows),
         "dpo": write_jsonl(folder / "pairs.jsonl", pairs),
         "kto": write_jsonl(folder / "unpaired.jsonl", unpaired),
+        "listwise": write_jsonl(folder / "ranked.jsonl", ranked),
+        "tdpo": write_jsonl(folder / "pairs.jsonl", pairs),
     }
 
 
 # dpo trains RPO, a sum from the command line: beta goes to the one term that takes it.
 @pytest.mark.parametrize(
     "command,extra",
-    [("sft", []), ("dpo", ["--objective=sigmoid + 0.2*sft", "--set=objective.beta=0.5"]), ("kto", [])],
+    [
+        ("sft", []),
+        ("dpo", ["--objective=sigmoid + 0.2*sft", "--set=objective.beta=0.5"]),
+        ("kto", []),
+        ("listwise", ["--objective=lipo_lambda"]),  # ragged lists of 2 and 3 responses
+        ("tdpo", []),
+    ],
 )
 def test_training_subcommands_write_their_run(command, extra, files, tmp_path, capsys):
     argv = [command, f"--data={files[command]}", f"--set=runs_dir={tmp_path}", *TINY, *extra]

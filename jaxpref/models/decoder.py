@@ -36,7 +36,7 @@ from flax import nnx
 
 Array = jax.Array
 
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "blocked")
 # "blocked" splits the queries into at most this many blocks of at least this many tokens.
 MAX_ATTENTION_BLOCKS, MIN_ATTENTION_BLOCK = 8, 64
@@ -82,8 +82,8 @@ class DecoderConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        if self.model_type not in _FAMILIES:
-            raise ValueError(f"`model_type`={self.model_type!r} is not supported; supported: {_FAMILIES}.")
+        if self.model_type not in _MODEL_TYPES:
+            raise ValueError(f"`model_type`={self.model_type!r} is not supported; supported: {_MODEL_TYPES}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"`num_heads`={self.num_heads} must be a multiple of `num_kv_heads`={self.num_kv_heads}."
@@ -104,9 +104,9 @@ class DecoderConfig:
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> DecoderConfig:
         """Builds a config from a Hugging Face ``config.json`` dict (``overrides`` win)."""
         model_type = hf.get("model_type", "llama")
-        if model_type not in _FAMILIES:
+        if model_type not in _MODEL_TYPES:
             raise ValueError(
-                f"config.json `model_type`={model_type!r} is not supported; supported: {_FAMILIES}."
+                f"config.json `model_type`={model_type!r} is not supported; supported: {_MODEL_TYPES}."
             )
         # transformers 5 nests RoPE settings in `rope_parameters`; older configs use rope_theta/rope_scaling.
         rope = dict(hf.get("rope_parameters") or {})

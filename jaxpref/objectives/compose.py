@@ -42,9 +42,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxpref.objectives.common import Array, LossSpec
-from jaxpref.objectives.listwise import LISTWISE, listwise_loss
+from jaxpref.objectives.listwise import LISTWISE, listwise_loss, mdpo_loss, mipo_loss, pro_loss
 from jaxpref.objectives.pairwise import _ARRAY_OPTIONS, PAIRWISE, pairwise_loss
 from jaxpref.objectives.reward import REWARD, reward_loss
+from jaxpref.objectives.token_level import tdpo1_loss, tdpo2_loss
 from jaxpref.objectives.unpaired import MULTI_RESPONSE, UNPAIRED, multi_response_loss, unpaired_loss
 
 
@@ -63,7 +64,7 @@ def _named_inputs(loss_fn: Callable) -> frozenset[str]:
 
 
 # For each registry: its entry point and the array inputs that entry point reads.
-_FAMILIES = (
+_REGISTRIES = (
     (PAIRWISE, pairwise_loss, _named_inputs(pairwise_loss) | frozenset(_ARRAY_OPTIONS)),
     (UNPAIRED, unpaired_loss, _named_inputs(unpaired_loss)),
     (MULTI_RESPONSE, multi_response_loss, _named_inputs(multi_response_loss)),
@@ -170,16 +171,37 @@ def _unique_names(terms: Sequence[Term]) -> list[str]:
     return names
 
 
+# Objectives written as one function of keyword arrays and scalar hyperparameters (no registry of
+# their own), available by name like the registered ones.
+NAMED_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "tdpo1": tdpo1_loss,
+    "tdpo2": tdpo2_loss,
+    "pro": pro_loss,
+    "mdpo": mdpo_loss,
+    "mipo": mipo_loss,
+}
+
+
+def _function_entry(name: str, fn: Callable[..., Any]) -> tuple[LossSpec, Callable, frozenset[str]]:
+    """A named function as a registry entry: its scalar-defaulted keywords are the hyperparameters."""
+    parameters = inspect.signature(fn).parameters.values()
+    defaults = {p.name: p.default for p in parameters if _kind(p.default) is not None}
+    inputs = frozenset(p.name for p in parameters if p.name not in defaults)
+    return LossSpec(name, fn, defaults), lambda _name, **kwargs: fn(**kwargs), inputs
+
+
 def _lookup(name: str) -> tuple[LossSpec, Callable, frozenset[str]] | None:
     """``(spec, family entry point, its array inputs)`` of a registered objective, or None."""
-    for registry, loss_fn, inputs in _FAMILIES:
+    for registry, loss_fn, inputs in _REGISTRIES:
         if name in registry:
             return registry[name], loss_fn, inputs
+    if name in NAMED_FUNCTIONS:
+        return _function_entry(name, NAMED_FUNCTIONS[name])
     return None
 
 
 def _registered_names() -> list[str]:
-    return sorted(name for registry, _, _ in _FAMILIES for name in registry)
+    return sorted([name for registry, _, _ in _REGISTRIES for name in registry] + list(NAMED_FUNCTIONS))
 
 
 def _kind(value: Any) -> str | None:
@@ -194,7 +216,12 @@ def _kind(value: Any) -> str | None:
 
 
 def objective(name: str, **hparams) -> Objective:
-    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE`` or ``REWARD``)."""
+    """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE``, ``REWARD``,
+    ``LISTWISE`` or :data:`NAMED_FUNCTIONS`: ``tdpo1``, ``tdpo2``, ``pro``, ``mdpo``, ``mipo``).
+
+    >>> objective("tdpo2", alpha=0.3)
+    Objective(1.0 * tdpo2(alpha=0.3))
+    """
     found = _lookup(name)
     if found is None:
         raise ValueError(f"Unknown objective `name`={name!r}; known names: {_registered_names()}.")

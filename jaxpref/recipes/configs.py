@@ -89,6 +89,9 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     grad_accum_steps: int = 1
     reference: str = "frozen"  # frozen | cached | none
+    # The kind of training (jaxpref.train.families: sft, pairwise, unpaired, reward, listwise,
+    # token_level); "auto" is the data layout's own (ranked rows: listwise).
+    family: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +156,15 @@ class RewardRunConfig(RunConfig):
     reward: RewardConfig = RewardConfig()
 
 
-# The starting configs of the CLI's subcommands (`jaxpref sft|dpo|kto|reward|reward-eval`).
+# The starting configs of the CLI's subcommands (`jaxpref sft|dpo|kto|listwise|tdpo|reward|reward-eval`).
 SUBCOMMAND_CONFIGS = {
     "sft": RunConfig(name="sft", data=DataConfig(layout="sft"), train=TrainConfig(reference="none")),
     "dpo": RunConfig(name="dpo"),
     "kto": RunConfig(name="kto", data=DataConfig(layout="unpaired"), objective=ObjectiveConfig("kto")),
+    "listwise": RunConfig(
+        name="listwise", data=DataConfig(layout="ranked"), objective=ObjectiveConfig("lipo_lambda")
+    ),
+    "tdpo": RunConfig(name="tdpo", objective=ObjectiveConfig("tdpo2"), train=TrainConfig(family="token_level")),
     "reward": RewardRunConfig(
         name="reward", objective=ObjectiveConfig("bradley_terry"), train=TrainConfig(reference="none")
     ),

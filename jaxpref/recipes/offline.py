@@ -35,13 +35,12 @@ from jaxpref.recipes.common import (
 )
 from jaxpref.recipes.configs import RunConfig
 from jaxpref.recipes.objectives import family_objectives
+from jaxpref.train.families import SHORTHANDS as FAMILIES
 from jaxpref.train.reference import ReferenceLogps, cached_reference_logps
 from jaxpref.train.step import build_step
 
-# Row layout of the data -> train-step family.
-FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired"}
-# Train-step family -> the row layout it reads: each layout's own, and reward models on pairs.
-FAMILY_LAYOUTS = {**{family: layout for layout, family in FAMILIES.items()}, "reward": "pairwise"}
+# Row layout of the data -> the kind of training `train.family="auto"` picks.
+LAYOUT_FAMILIES = {"sft": "sft", "pairwise": "pairwise", "unpaired": "unpaired", "ranked": "listwise"}
 
 
 def run_objective(config: RunConfig, family: str | None = None) -> Objective | None:
@@ -87,20 +86,22 @@ def prepare_train_data(config: RunConfig, tokenizer):
     )
 
 
-def run_family(config: RunConfig, family: str | None) -> str:
-    """The train-step family: ``family``, checked against the data layout, or the layout's own."""
+def run_family(config: RunConfig, family: str | None = None) -> str:
+    """The kind of training: ``family`` or ``train.family``, checked against the data layout; for
+    ``"auto"`` the layout's own."""
     layout = config.data.layout
-    if family is None:
-        if layout not in FAMILIES:
+    family = family or config.train.family
+    if family == "auto":
+        if layout not in LAYOUT_FAMILIES:
             raise ValueError(
-                f"`data.layout`={layout!r} cannot be trained here; use one of {sorted(FAMILIES)}."
+                f"`data.layout`={layout!r} cannot be trained here; use one of {sorted(LAYOUT_FAMILIES)}."
             )
-        return FAMILIES[layout]
-    if family not in FAMILY_LAYOUTS:
-        raise ValueError(f"`family`={family!r} must be one of {sorted(FAMILY_LAYOUTS)}.")
-    if FAMILY_LAYOUTS[family] != layout:
+        return LAYOUT_FAMILIES[layout]
+    if family not in FAMILIES:
+        raise ValueError(f"`train.family`={family!r} must be 'auto' or one of {sorted(FAMILIES)}.")
+    if FAMILIES[family].layout != layout:
         raise ValueError(
-            f"`family`={family!r} trains on {FAMILY_LAYOUTS[family]!r} rows, but `data.layout`={layout!r}."
+            f"`train.family`={family!r} trains on {FAMILIES[family].layout!r} rows, but `data.layout`={layout!r}."
         )
     return family
 
@@ -134,7 +135,7 @@ def train_run(
     family = run_family(config, family)
     source, report = prepare_train_data(config, tokenizer)
     print(report)
-    reference = "none" if family in ("sft", "reward") else config.train.reference
+    reference = config.train.reference if FAMILIES[family].has_reference else "none"
     if loss is None:
         loss = run_objective(config, family)
     step = build_step(

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 
 import tqdm
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend to set
-from tensorboardX import SummaryWriter
 
 DEFAULT_PLOT_KEYS = ("loss", "rewards/margins", "rewards/accuracies")
 
@@ -43,7 +42,12 @@ class MetricsWriter:
                 record = json.loads(line)
                 self._remember(record.pop("step"), record)
         self._jsonl = open(self.jsonl_path, "a")
-        self._tensorboard = SummaryWriter(logdir=str(self.log_dir)) if tensorboard else None
+        self._tensorboard = None
+        if tensorboard:
+            # Imported here: tensorboardX imports torch when it is installed, seconds on every import.
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(logdir=str(self.log_dir))
 
     def _remember(self, step: int, metrics: Mapping[str, float]) -> None:
         for key in self.plot_keys:

@@ -52,6 +52,7 @@ class Family:
     reference_keys: ClassVar[tuple[str, ...]] = ()  # batch keys of cached reference log-probs
     # Optional per-example data columns, passed to the objective terms that read them.
     columns: ClassVar[tuple[str, ...]] = ()
+    has_reference: ClassVar[bool] = True  # False: trains without a reference model (SFT, reward models)
 
     def check(self, model: nnx.Module, objective: Objective | None, reference: Reference) -> None:
         """Raises a ValueError naming the argument when the combination cannot train."""

@@ -23,6 +23,7 @@ class Reward(Family):
 
     name: ClassVar[str] = "reward"
     layout: ClassVar[str] = "pairwise"
+    has_reference: ClassVar[bool] = False
     columns: ClassVar[tuple[str, ...]] = (
         "margin", "target_probability", "chosen_ratings", "rejected_ratings", "user_id",
     )  # fmt: skip

@@ -16,6 +16,7 @@ class SFT(Family):
 
     name: ClassVar[str] = "sft"
     layout: ClassVar[str] = "sft"
+    has_reference: ClassVar[bool] = False
 
     def check(self, model, objective, reference) -> None:
         if objective is not None or reference.name != "none":
