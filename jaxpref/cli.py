@@ -37,8 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 _TRAINING = ("sft", "dpo", "kto", "listwise", "tdpo", "reward")
-# Sample, score with reward functions, update (jaxpref/recipes/online.py).
-_ONLINE = ("grpo", "rloo", "online-dpo", "ppo")
 # Image generators on the shapes task (jaxpref/recipes/diffusion.py): subcommand -> its method there.
 _DIFFUSION = {"diffusion-dpo": "dpo", "diffusion-kto": "kto", "flow-dpo": "flow-dpo", "draft": "draft"}
 # The --objective subcommands -> the train-step family whose objectives they train.
@@ -49,6 +47,7 @@ _OBJECTIVE_FAMILIES = {
 
 def _parser() -> argparse.ArgumentParser:
     from jaxpref.overrides import add_override_argument
+    from jaxpref.recipes.configs import ONLINE_SUBCOMMAND_CONFIGS
     from jaxpref.recipes.objectives import GPM, family_objectives
 
     parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n")[0])
@@ -63,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", parents=[common], help="the bundled end-to-end pipeline (make demo)")
     objectives = {command: list(family_objectives(family)) for command, family in _OBJECTIVE_FAMILIES.items()}
     objectives["reward"].append(GPM)  # gpm_loss on preference embeddings (jaxpref/recipes/reward.py), alone
-    for name in (*_TRAINING, *_ONLINE):
+    for name in (*_TRAINING, *ONLINE_SUBCOMMAND_CONFIGS):
         sub = commands.add_parser(name, parents=[common], help=f"train with {name}")
         sub.add_argument("--data", nargs="+", help="local JSONL or Parquet files (data.train_files)")
         sub.add_argument("--model", help="local Hugging Face checkpoint folder (model.checkpoint)")
@@ -148,7 +147,7 @@ def _command(
         shortcuts += [f"name={args.name}"] if args.name else []
         return DiffusionExperimentConfig(), [*shortcuts, *args.overrides], _no_check, run_diffusion
     overrides = [*_shortcuts(args), *args.overrides]
-    if args.command in _ONLINE:
+    if args.command in configs.ONLINE_SUBCOMMAND_CONFIGS:
         from jaxpref.recipes.online import build_algorithm, run_online_command
 
         return configs.ONLINE_SUBCOMMAND_CONFIGS[args.command], overrides, build_algorithm, run_online_command

@@ -39,7 +39,7 @@ from jaxpref.recipes.common import (
     train_and_export,
 )
 from jaxpref.recipes.configs import OnlineRunConfig
-from jaxpref.train.online import GRPO, PPO, OnlineDPO, OnlineStep, build_online_step
+from jaxpref.train.online import GRPO, ONLINE_ALGORITHMS, PPO, OnlineDPO, OnlineStep, build_online_step
 from jaxpref.train.preference_rewards import PREFERENCE_REWARD_NAME, load_win_rate_reward
 from jaxpref.train.rewards import RewardFn, resolve_reward_fn, reward_model_reward
 
@@ -55,14 +55,12 @@ def read_prompt_rows(files: Sequence[str]) -> list[dict[str, Any]]:
     return [record for path in files for _, record in read_records(path)]
 
 
-ALGORITHMS = {"grpo": GRPO, "online_dpo": OnlineDPO, "ppo": PPO}
-
-
 def build_algorithm(config: OnlineRunConfig) -> GRPO | OnlineDPO | PPO:
-    """The algorithm named by ``config.algorithm``, from the config section of the same name."""
-    if config.algorithm not in ALGORITHMS:
-        raise ValueError(f"`algorithm`={config.algorithm!r} must be one of {sorted(ALGORITHMS)}.")
-    return ALGORITHMS[config.algorithm](**dataclasses.asdict(getattr(config, config.algorithm)))
+    """The algorithm named by ``config.algorithm`` (:data:`~jaxpref.train.online.ONLINE_ALGORITHMS`),
+    from the config section of the same name."""
+    if config.algorithm not in ONLINE_ALGORITHMS or not hasattr(config, config.algorithm):
+        raise ValueError(f"`algorithm`={config.algorithm!r} must be one of {sorted(ONLINE_ALGORITHMS)}.")
+    return ONLINE_ALGORITHMS[config.algorithm](**dataclasses.asdict(getattr(config, config.algorithm)))
 
 
 def build_reward_fns(config: OnlineRunConfig, mesh: Mesh) -> tuple[dict[str, RewardFn], dict[str, float]]:

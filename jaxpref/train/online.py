@@ -182,6 +182,22 @@ LOSS_TYPES: dict[str, tuple[str, str]] = {
 ADVANTAGES = ("grpo", "rloo", "reinforce++")
 
 
+# Online algorithms by the name a run config selects them with (``algorithm="ppo"``): a new one is
+# a class with the OnlineAlgorithm methods, registered with @online_algorithm.
+ONLINE_ALGORITHMS: dict[str, type] = {}
+
+
+def online_algorithm(name: str) -> Callable[[type], type]:
+    """Registers an :class:`OnlineAlgorithm` class under ``name``."""
+
+    def register(cls: type) -> type:
+        ONLINE_ALGORITHMS[name] = cls
+        return cls
+
+    return register
+
+
+@online_algorithm("grpo")
 @dataclasses.dataclass(frozen=True)
 class GRPO:
     r"""The GRPO family: group-relative advantages and a clipped (or gated) policy loss per token.
@@ -288,6 +304,7 @@ ONLINE_PAIRWISE = tuple(
 )
 
 
+@online_algorithm("online_dpo")
 @dataclasses.dataclass(frozen=True)
 class OnlineDPO:
     r"""Online DPO: two samples per prompt, the higher-reward one chosen, a pairwise loss on the pair.
@@ -376,6 +393,7 @@ class OnlineDPO:
         return decided_mean(losses), metrics
 
 
+@online_algorithm("ppo")
 @dataclasses.dataclass(frozen=True)
 class PPO:
     r"""PPO with a value head, the RLHF recipe of TRL's ``PPOTrainer``.
