@@ -31,6 +31,7 @@ Array([[-0.6931472, -1.3862944, -0.6931472]], dtype=float32)
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -283,6 +284,101 @@ def token_logps_from_hidden(
     return (outputs[0], TokenStats(*outputs[1:])) if return_stats else outputs[0]
 
 
+def token_kl_from_hidden(
+    policy_hidden: Array,  # [batch, seq, hidden] (any leading shape)
+    policy_unembedding: Array,  # [hidden, vocab]
+    ref_hidden: Array,  # [batch, seq, ref_hidden] (the same leading shape)
+    ref_unembedding: Array,  # [ref_hidden, vocab]
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    targets: Array | None = None,  # [batch, seq] int
+) -> Array | tuple[Array, Array, Array]:  # kl [batch, seq] float32 (, policy logps, ref logps)
+    r"""Per-token :math:`D_{KL}(\pi_{ref}(\cdot|h_t)\,\|\,\pi_\theta(\cdot|h_t))` over the whole
+    vocabulary, chunk by chunk, without the ``[batch, seq, vocab]`` logits of either model.
+
+    ``kl_t = sum_v p_ref(v) (log p_ref(v) - log p_policy(v))`` with ``p = softmax(hidden @
+    unembedding)`` of each model: TDPO's direction (:func:`jaxpref.objectives.tdpo_token_kl`, which
+    takes full logits). Tokens go through both LM heads ``chunk_size`` at a time; each chunk runs
+    under :func:`jax.checkpoint`, so the backward pass too holds one chunk of logits of each model
+    at a time (the whole vocabulary: a chunk is ``[chunk_size, vocab]`` per model, so pick
+    ``chunk_size`` for two models' logits and their cotangent). Gradient flows to the policy only;
+    the reference inputs are under ``stop_gradient``.
+
+    With ``targets`` it also returns ``log p(targets)`` under the policy and the reference from the
+    same logits: ``(kl, policy_logps, ref_logps)``, each shaped like ``targets``.
+    """
+    policy_hidden, policy_unembedding = jnp.asarray(policy_hidden), jnp.asarray(policy_unembedding)
+    ref_hidden = jax.lax.stop_gradient(jnp.asarray(ref_hidden))
+    ref_unembedding = jax.lax.stop_gradient(jnp.asarray(ref_unembedding))
+    shape = policy_hidden.shape[:-1]
+    if ref_hidden.shape[:-1] != shape:
+        raise ValueError(
+            f"`policy_hidden` has shape {policy_hidden.shape} and `ref_hidden` {ref_hidden.shape}: their "
+            "leading (token) dimensions must match."
+        )
+    for name, hidden, kernel in (
+        ("policy", policy_hidden, policy_unembedding),
+        ("ref", ref_hidden, ref_unembedding),
+    ):
+        if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+            raise ValueError(
+                f"`{name}_unembedding` must be [hidden={hidden.shape[-1]}, vocab], got shape {kernel.shape}."
+            )
+    if policy_unembedding.shape[1] != ref_unembedding.shape[1]:
+        raise ValueError(
+            f"The policy's vocabulary ({policy_unembedding.shape[1]}) and the reference's "
+            f"({ref_unembedding.shape[1]}) differ; the KL needs the same vocabulary."
+        )
+    if targets is not None:
+        targets = jnp.asarray(targets)
+        if targets.shape != shape:
+            raise ValueError(f"`targets` must have shape {shape} (the hidden states'), got {targets.shape}.")
+    _check_positive_int("chunk_size", chunk_size)
+    num_tokens = math.prod(shape)
+    count = 1 if targets is None else 3
+    if num_tokens == 0:
+        outputs = (jnp.zeros(shape, jnp.float32),) * count
+        return outputs[0] if targets is None else outputs
+
+    chunk = min(chunk_size, num_tokens)
+    num_chunks = -(-num_tokens // chunk)
+    pad = num_chunks * chunk - num_tokens
+
+    def chunks(x: Array) -> Array:  # [tokens, ...] -> [num_chunks, chunk, ...]; padding is 0
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num_chunks, chunk, *x.shape[1:])
+
+    flat_targets = (
+        jnp.zeros(num_tokens, jnp.int32) if targets is None else targets.reshape(-1).astype(jnp.int32)
+    )
+    vocab_ids = jnp.arange(policy_unembedding.shape[1])
+
+    @jax.checkpoint
+    def token_chunk(args) -> tuple[Array, Array, Array]:
+        policy_chunk, ref_chunk, target_chunk = args
+        policy_logits = _logits(policy_chunk, policy_unembedding)  # [chunk, vocab] float32
+        ref_logits = jnp.dot(ref_chunk, ref_unembedding, preferred_element_type=jnp.float32)
+        policy_lse = jax.nn.logsumexp(policy_logits, axis=-1)
+        ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
+        ref_probs = jnp.exp(ref_logits - ref_lse[:, None])
+        # sum_v p_ref (log p_ref - log p_policy) = sum_v p_ref (z_ref - z_policy) - lse_ref + lse_policy
+        kl = jnp.sum(ref_probs * (ref_logits - policy_logits), axis=-1) - ref_lse + policy_lse
+        is_target = vocab_ids == target_chunk[:, None]
+        policy_logps = jnp.where(is_target, policy_logits, 0.0).sum(axis=-1) - policy_lse
+        ref_logps = jnp.where(is_target, ref_logits, 0.0).sum(axis=-1) - ref_lse
+        return kl, policy_logps, ref_logps
+
+    outputs = jax.lax.map(
+        token_chunk,
+        (
+            chunks(policy_hidden.reshape(num_tokens, -1)),
+            chunks(ref_hidden.reshape(num_tokens, -1)),
+            chunks(flat_targets),
+        ),
+    )
+    kl, policy_logps, ref_logps = (x.reshape(-1)[:num_tokens].reshape(shape) for x in outputs)
+    return kl if targets is None else (kl, policy_logps, ref_logps)
+
+
 class _HeadRows(NamedTuple):
     """Which tokens the LM head scores, and from which hidden states."""
 
@@ -343,6 +439,14 @@ def _scored_logps(
         return_stats=return_stats,
     )
     outputs = jax.tree.leaves(outputs)  # logps (, log_sum_squared_probs, entropy), each [rows]
+    token_logps, *stats = _placed(outputs, rows, batch, seq)
+    summed = token_logps.sum(axis=-1)
+    return (token_logps, summed, TokenStats(*stats)) if return_stats else (token_logps, summed)
+
+
+def _placed(outputs: list[Array], rows: _HeadRows, batch: int, seq: int) -> list[Array]:
+    """Per-row LM-head outputs ``[rows]`` at their tokens' own positions ``[batch, seq]``, 0 where
+    not counted (NaN everywhere when more tokens counted than ``max_completion_tokens`` rows)."""
     if rows.selected is None:
         outputs = [x.reshape(batch, seq) for x in outputs]
     else:
@@ -358,9 +462,7 @@ def _scored_logps(
         ]
         overflow = num_counted > rows.selected.shape[0]
         outputs = [jnp.where(overflow, jnp.nan, x) for x in outputs]
-    token_logps, *stats = [jnp.where(rows.counted, x, 0.0) for x in outputs]
-    summed = token_logps.sum(axis=-1)
-    return (token_logps, summed, TokenStats(*stats)) if return_stats else (token_logps, summed)
+    return [jnp.where(rows.counted, x, 0.0) for x in outputs]
 
 
 def completion_logps(
@@ -439,3 +541,47 @@ def sequence_logps(
     return _scored_logps(
         states, model.unembedding(), input_ids, rows, chunk_size, vocab_chunk_size, return_stats
     )
+
+
+def sequence_logps_and_kl(
+    policy: nnx.Module,
+    reference: nnx.Module,
+    input_ids: Array,  # [batch, seq]
+    completion_mask: Array,  # [batch, seq]
+    *,
+    positions: Array | None = None,  # [batch, seq]
+    segment_ids: Array | None = None,  # [batch, seq], 0 = padding
+    prefix_segment_ids: Array | None = None,  # [batch, seq]
+    predictor_index: Array | None = None,  # [batch, seq], -1 = no predictor
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_completion_tokens: int | None = None,
+) -> tuple[Array, Array, Array]:  # policy token logps, reference token logps, token KL; [batch, seq] each
+    """:func:`sequence_logps` of a policy and its reference, plus each token's KL(reference || policy).
+
+    Every output sits at the completion token's own position and is 0 elsewhere, as the token
+    log-probs of :func:`sequence_logps`: ``kl[b, t]`` is the KL between the two models' next-token
+    distributions at the state that predicts token ``t`` (:func:`token_kl_from_hidden`, which runs
+    both LM heads on the same chunks of ``chunk_size`` tokens). The reference outputs carry no
+    gradient. ``max_completion_tokens`` as in :func:`sequence_logps`; the whole vocabulary is
+    scored per chunk (no vocabulary slices).
+    """
+    input_ids, completion_mask = jnp.asarray(input_ids), jnp.asarray(completion_mask)
+    rows = _head_rows(input_ids, completion_mask, predictor_index, max_completion_tokens)
+    layout = dict(positions=positions, segment_ids=segment_ids, prefix_segment_ids=prefix_segment_ids)
+
+    def states(model: nnx.Module) -> Array:  # [head rows, hidden]
+        if rows.selected is None:
+            return model(input_ids, **layout).reshape(input_ids.size, -1)[rows.predictors]
+        return model(input_ids, **layout, output_rows=rows.predictors)
+
+    flat_ids = input_ids.reshape(-1)
+    kl, policy_logps, ref_logps = token_kl_from_hidden(
+        states(policy),
+        policy.unembedding(),
+        states(reference),
+        reference.unembedding(),
+        chunk_size=chunk_size,
+        targets=flat_ids if rows.selected is None else flat_ids[rows.selected],
+    )
+    policy_logps, ref_logps, kl = _placed([policy_logps, ref_logps, kl], rows, *input_ids.shape)
+    return policy_logps, ref_logps, kl

@@ -307,7 +307,12 @@ def train_view(model: M, key: Array) -> M:
     if not any(layer.dropout is not None for _, layer in lora_layers(model)):
         return model
     view = nnx.view(model, only=nnx.Dropout, deterministic=False)
-    nnx.reseed(view, dropout=key)
+    # A new stream rather than nnx.reseed: the model's own RNG variables may come from an outer
+    # trace (the step's frozen state), which a reseed inside the gradient trace may not mutate.
+    stream = nnx.Rngs(dropout=key).dropout
+    for _, layer in lora_layers(view):
+        if layer.dropout is not None:
+            layer.dropout.rngs = stream
     return view
 
 

@@ -13,8 +13,8 @@ Inside the step:
    Objectives that are batch-level by definition (``aot``, and the NLL terms of ``sft`` / ``cpo`` /
    ``orpo`` in pairwise objectives) see one microbatch at a time. KTO's KL reference point does
    not: the KL batch (no gradient) is run first over the whole batch.
-2. The *family* (:mod:`jaxpref.train.families`: SFT, Pairwise, Unpaired, Reward, Listwise, or
-   your own) computes each microbatch's loss: which batch keys it needs, what it feeds the
+2. The *family* (:mod:`jaxpref.train.families`: SFT, Pairwise, Unpaired, Reward, Listwise,
+   TokenLevel, or your own) computes each microbatch's loss: which batch keys it needs, what it feeds the
    objective (log-prob sums of chosen and rejected, ``[B, K]`` lists, a reward model's rewards or
    GPM embeddings, ...) and how its metrics combine. The step knows nothing of the kinds.
    The *reference* (:mod:`jaxpref.train.references`) says where reference log-probs come from: a
@@ -343,7 +343,8 @@ def build_step(
       reference: a :class:`~jaxpref.train.references.Reference` or its shorthand ``"frozen"``,
         ``"adapters_off"``, ``"cached"`` or ``"none"`` (see the module docstring).
       family: a :class:`~jaxpref.train.families.Family` or its shorthand ``"pairwise"``,
-        ``"unpaired"``, ``"sft"``, ``"reward"``, ``"listwise"`` (see :mod:`jaxpref.train.families`).
+        ``"unpaired"``, ``"sft"``, ``"reward"``, ``"listwise"``, ``"token_level"`` (see
+        :mod:`jaxpref.train.families`).
       grad_accum_steps: microbatches per batch; it must divide the rows and the examples.
       chunk_size, vocab_chunk_size: LM-head chunking of
         :func:`~jaxpref.models.logprobs.sequence_logps`.

@@ -256,6 +256,21 @@ def test_filters_views_dropout_and_errors():
         apply_lora(model, rank=2)
 
 
+def test_dropout_masks_differ_per_step_key_in_the_train_step():
+    """LoRA dropout inside the jitted step (its masks drawn from the state's key, in the gradient
+    trace): two steps from one state with different keys give different adapter gradients."""
+    model = lora_model(dropout=0.5)
+    model.layers[0].self_attn.q_proj.lora_b[...] = jnp.full((RANK, 32), 0.1)  # adapters active
+    step = build_step(model, DPO, optax.sgd(1.0), single_device_mesh())
+    updated = []
+    for seed in (0, 1):
+        state, metrics = step(step.init(seed=seed), pair_batch(0))
+        assert np.isfinite(float(metrics["loss"]))
+        updated.append(jax.device_get(state.params))
+    a_first, a_second = (u["layers"][0]["self_attn"]["q_proj"]["lora_a"][...] for u in updated)
+    assert not np.allclose(a_first, a_second)
+
+
 def test_grpo_with_lora_samples_and_trains_the_adapters_against_the_base():
     """GRPO with a KL term: the reference is the base (KL 0 on the first update), the sampler reads
     the adapted policy, and repeated steps recompile nothing."""

@@ -22,9 +22,12 @@ from jaxpref.train.families.listwise import Listwise
 from jaxpref.train.families.pairwise import Pairwise
 from jaxpref.train.families.reward import Reward
 from jaxpref.train.families.sft import SFT
+from jaxpref.train.families.token_level import TokenLevel
 from jaxpref.train.families.unpaired import Unpaired
 
-SHORTHANDS: dict[str, type[Family]] = {cls.name: cls for cls in (SFT, Pairwise, Unpaired, Reward, Listwise)}
+SHORTHANDS: dict[str, type[Family]] = {
+    cls.name: cls for cls in (SFT, Pairwise, Unpaired, Reward, Listwise, TokenLevel)
+}
 
 
 def as_family(family: str | Family) -> Family:
@@ -45,6 +48,7 @@ __all__ = [
     "Reward",
     "SHORTHANDS",
     "StepParts",
+    "TokenLevel",
     "Unpaired",
     "as_family",
     "metric_fractions",
