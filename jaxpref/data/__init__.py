@@ -6,14 +6,17 @@
 
     source, report = prepare_dataset("prefs.jsonl", "pairwise", "runs/demo/data", "path/to/tokenizer",
                                      options=TokenizeOptions(max_length=512, max_prompt_length=256))
-    print(report)  # rows read / kept / skipped by reason; also logged
+    # `report`: rows read / kept / skipped by reason; prepare_dataset logs it once
     loader = make_loader(source, batch_size=8, seed=0, num_epochs=1)
     it = iter(loader)
     batch = next(it)
     state = it.get_state()  # checkpoint this; `it = iter(loader); it.set_state(state)` resumes
 
-Row layouts of the files (:mod:`jaxpref.data.rows`): ``"pairwise"`` (``{prompt, chosen,
-rejected}``, or HH-style ``{chosen, rejected}`` conversations), ``"unpaired"`` (``{prompt,
+Files are JSONL or Parquet, or folders: a ``datasets`` ``save_to_disk`` folder or a hub-layout
+Parquet folder (``data/train-*.parquet``), see :func:`~jaxpref.data.rows.data_files`. Row layouts
+of the files (:mod:`jaxpref.data.rows`): ``"pairwise"`` (``{prompt, chosen,
+rejected}``, or ``{chosen, rejected}`` conversations whose shared start is the prompt: Anthropic HH
+strings, TRL's conversational message lists), ``"unpaired"`` (``{prompt,
 completion, label}``), ``"ranked"`` (``{prompt, responses, scores}``), ``"sft"`` (``{prompt,
 completion}`` or ``{messages}``); texts are strings or chat message lists. Tokenisation
 (:mod:`jaxpref.data.tokenize`) happens once, at preparation, so the report can count rows too long
@@ -69,6 +72,7 @@ _EXPORTS = {
     "BadRow": "report",
     "Row": "rows",
     "LAYOUTS": "rows",
+    "data_files": "rows",
     "parse_row": "rows",
     "read_rows": "rows",
     "split_shared_prompt": "rows",

@@ -24,12 +24,14 @@ prepared dataset back without this module:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxpref.data.report import PreparationReport
-from jaxpref.data.rows import EXAMPLE_COLUMNS, check_layout, read_rows
+from jaxpref.data.rows import EXAMPLE_COLUMNS, check_layout, data_files, read_rows
 from jaxpref.data.tokenize import (
     TokenizedRow,
     TokenizeOptions,
@@ -64,7 +66,7 @@ class PreferenceFilesConfig(tfds.core.BuilderConfig):
 
 
 class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
-    """Parsed and tokenised rows of local JSONL / Parquet files, one ``train`` split.
+    """Parsed and tokenised rows of local files (:func:`~jaxpref.data.rows.data_files`), one ``train`` split.
 
     Build with a :class:`PreferenceFilesConfig` and the tokenizer (not part of the config: only its
     fingerprint is, through the config name)::
@@ -86,6 +88,14 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, tokenizer: TokenizerLike | None = None, **kwargs):
         self._tokenizer = tokenizer
         super().__init__(**kwargs)
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared to ..." to stdout; for local files they say nothing the preparation report does not.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         ids = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)  # noqa: E731
@@ -130,9 +140,9 @@ class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
         for index, row in enumerate(tokenize_rows(rows, tokenizer, report, config.options)):
             stats.add(row)
             yield f"{index:012d}", _example(row, config.layout, index)
-        report.log()
         if not report.rows_kept:
             raise ValueError(f"No usable rows in `files`; fix them or the `layout`/`field_map`.\n{report}")
+        report.log()
         pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self.info.metadata.update(
             # The config name hashes the files' contents, the tokenizer and the options.
@@ -203,17 +213,15 @@ def prepare_dataset(
     The data source is TFDS's ``ArrayRecordDataSource`` of the ``train`` split (random access,
     ``len()``, records as dicts of NumPy arrays), ready for :func:`jaxpref.data.loader.make_loader`.
     The dataset is written once per distinct inputs (see the module docstring); the report is
-    logged either way. Raises ValueError for missing files, an unknown layout, unparsable files
+    logged either way. ``files`` are JSONL / Parquet files or dataset folders
+    (:func:`~jaxpref.data.rows.data_files`); a folder's files are hashed, so a changed dataset is
+    prepared again. Raises ValueError for missing files, an unknown layout, unparsable files
     (naming file and line) or when no row is usable.
     """
     paths = [files] if isinstance(files, str | os.PathLike) else list(files)
     if not paths:
-        raise ValueError("`files` is empty; pass one or more JSONL or Parquet files.")
-    resolved = []
-    for path in map(pathlib.Path, paths):
-        if not path.is_file():
-            raise ValueError(f"`files` names {str(path)!r}, which is not a file.")
-        resolved.append(str(path.resolve()))
+        raise ValueError("`files` is empty; pass one or more JSONL or Parquet files or dataset folders.")
+    resolved = [str(pathlib.Path(path).resolve()) for path in paths]
     check_layout(layout, field_map)
     tokenizer = load_tokenizer(tokenizer)
     field_items = tuple(sorted((field_map or {}).items()))
@@ -225,19 +233,45 @@ def prepare_dataset(
         field_map=field_items,
         options=options,
     )
-    builder = PreferenceFiles(
-        config=config, tokenizer=tokenizer, data_dir=os.fspath(data_dir), file_format="array_record"
-    )
-    if builder.is_prepared():
-        report = PreparationReport.from_dict(builder.info.metadata["report"])
-        logger.info("Reusing prepared data at %s", builder.data_dir)
-        report.log()
-    else:
-        # TFDS's download/shuffle progress bars say nothing about local files; our report does.
-        tfds.display_progress_bar(False)
-        builder.download_and_prepare()
-        report = PreparationReport.from_dict(builder.info.metadata["report"])
-    return builder.as_data_source()[SPLIT], report
+    with _quiet_tfds():
+        builder = PreferenceFiles(
+            config=config, tokenizer=tokenizer, data_dir=os.fspath(data_dir), file_format="array_record"
+        )
+        if builder.is_prepared():
+            report = PreparationReport.from_dict(builder.info.metadata["report"])
+            logger.info("Reusing prepared data at %s", builder.data_dir)
+            report.log()
+        else:
+            _remove_incomplete(pathlib.Path(builder.data_dir))
+            # TFDS's download/shuffle progress bars say nothing about local files; our report does.
+            tfds.display_progress_bar(False)
+            builder.download_and_prepare()
+            report = PreparationReport.from_dict(builder.info.metadata["report"])
+        return builder.as_data_source()[SPLIT], report
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Only errors from TFDS (its ``absl`` logger) unless its INFO logs are wanted: it warns about
+    every config made here ("Using custom data configuration ...") and each new dataset folder."""
+    absl = logging.getLogger("absl")
+    if absl.getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _remove_incomplete(dataset_dir: pathlib.Path) -> None:
+    """Removes what killed preparations of this dataset left: TFDS builds into
+    ``incomplete.<random>_<version>`` beside ``dataset_dir`` and renames it when done."""
+    for leftover in dataset_dir.parent.glob("incomplete.*"):
+        logger.warning("Removing %s, left by an interrupted data preparation.", leftover)
+        shutil.rmtree(leftover)
 
 
 def _fingerprint(
@@ -247,11 +281,15 @@ def _fingerprint(
     options: TokenizeOptions,
     tokenizer_hash: str,
 ) -> str:
-    """A hash of the files' contents (not their paths) and everything that shapes the stored rows."""
+    """A hash of the files' contents (not their paths; a folder's files with their names in it) and
+    everything that shapes the stored rows."""
     digest = hashlib.sha256()
     settings = [FORMAT_VERSION, layout, field_items, dataclasses.asdict(options), tokenizer_hash]
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for path in files:
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+    for path in map(pathlib.Path, files):
+        for file in data_files(path):
+            if file != path:
+                digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            with open(file, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()

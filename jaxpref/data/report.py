@@ -31,6 +31,7 @@ NO_SHARED_PROMPT = "no_shared_prompt"
 TOO_FEW_RESPONSES = "too_few_responses"
 SCORES_MISMATCH = "scores_mismatch"
 TEMPLATE_MISMATCH = "template_mismatch"
+TEMPLATE_ERROR = "template_error"  # the chat template raised for the row's messages
 TOO_LONG = "too_long"
 
 EXAMPLES_PER_REASON = 3  # sources kept per reason, to find the offending rows

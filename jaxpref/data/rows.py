@@ -1,18 +1,24 @@
-"""Rows of preference data from local JSONL or Parquet files, in the common public layouts.
+"""Rows of preference data from local files, in the common public layouts.
+
+Where the rows are (:func:`data_files`): JSONL or Parquet files, a folder written by
+``datasets``' ``save_to_disk`` (read with pyarrow; ``datasets`` is not needed), or a Hugging Face
+hub-layout folder (``data/train-*.parquet``: its train split is read).
 
 Layouts (field names as in the files; ``field_map`` maps ours to a file's, e.g.
 ``{"chosen": "response_j"}``):
 
 - ``"pairwise"``: ``{prompt, chosen, rejected}``. Without ``prompt``, ``chosen`` / ``rejected`` are
-  whole conversations (Anthropic HH) and the prompt is their longest shared prefix ending at the last
-  assistant turn marker (:func:`split_shared_prompt`). Optional ``chosen_ratings`` /
+  whole conversations (Anthropic HH strings, or TRL's conversational "implicit prompt" message
+  lists) and the prompt is their longest shared prefix ending at the last assistant turn
+  (:func:`split_shared_prompt`). Optional ``chosen_ratings`` /
   ``rejected_ratings``: each response's per-attribute ratings (HelpSteer-style helpfulness,
   correctness, ...), lists of numbers in one fixed attribute order, ``null`` for a missing rating
   (multi-objective reward models regress on them).
 - ``"unpaired"``: ``{prompt, completion, label}`` with a boolean ``label`` (KTO).
 - Optional per-example number columns (:data:`EXAMPLE_COLUMNS`): pairwise ``margin`` (reward
   models' margin), ``target_probability`` (soft preference labels), ``chosen_quality`` /
-  ``rejected_quality`` (MMPO); every layout ``user_id`` (an integer). The train step passes each to
+  ``rejected_quality`` (MMPO); every layout ``user_id`` (an integer, 0 to 2**24 - 1). Numbers
+  must fit float32, as they are stored. The train step passes each to
   the objectives that read it.
 - ``"ranked"``: ``{prompt, responses, scores}``, two or more responses with one finite score each.
 - ``"sft"``: ``{prompt, completion}``, or ``{messages}`` whose last assistant message is the completion
@@ -40,6 +46,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -77,6 +84,18 @@ LAYOUTS = tuple(LAYOUT_FIELDS)
 ASSISTANT = "assistant"
 HH_ASSISTANT_MARKER = "\n\nAssistant:"  # Anthropic HH's turn marker
 PARQUET_BATCH_ROWS = 1024
+# Numbers are stored as float32: larger magnitudes would become inf, larger user ids inexact.
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_USER_ID = 2**24
+SPLIT = "train"  # the split of a `datasets` DatasetDict or hub-layout folder that is read
+# File kinds a hub-layout folder is searched for, and split names in their paths as the hub writes
+# them (`data/train-00000-of-00001.parquet`, `train/0.parquet`). "train_prefs" and the like are
+# not the train split: a folder with such splits (UltraFeedback) needs its files named.
+FOLDER_SUFFIXES = (".parquet", ".jsonl")
+TRAIN_SPLIT = re.compile(r"(?:^|[-._ /])train(?:ing)?(?:[-. /0-9]|$)")
+OTHER_SPLIT = re.compile(
+    r"(?:^|[-._ /])(?:test|testing|eval|evaluation|valid|validation|val|dev)(?:[-._ /0-9]|$)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +127,91 @@ def check_layout(layout: str, field_map: Mapping[str, str] | None = None) -> Non
         )
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yields ``(line number from 1, record)`` of a JSONL file, or ``(row number from 1, record)`` of
-    a ``.parquet`` file. Blank JSONL lines are not records; any other unparsable line is a ValueError."""
+def data_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The files one entry of ``data.train_files`` reads, in order.
+
+    - a file: itself (``.parquet``; ``.arrow``, an Arrow stream; anything else is JSONL);
+    - a folder written by ``datasets``' ``save_to_disk``: the Arrow files its ``state.json`` lists,
+      or for a ``DatasetDict`` (``dataset_dict.json``) those of its ``train`` split;
+    - any other folder (a hub-layout download): its ``.parquet`` / ``.jsonl`` files of the train
+      split (``data/train-*.parquet``, ``train/*.parquet``, ...), or all of them when none is named
+      after a split. Hidden folders (``.cache``) are not searched.
+
+    Raises ValueError, naming the path and the fix, when there are none.
+    """
     path = pathlib.Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(
+            f"{path}: no such file or folder; pass JSONL or Parquet files, a `datasets` save_to_disk "
+            "folder or a hub-layout Parquet folder."
+        )
+    if (path / "dataset_dict.json").is_file():
+        if not (path / SPLIT / "state.json").is_file():
+            raise ValueError(
+                f"{path}: this `datasets` DatasetDict has no {SPLIT!r} split; pass one split's folder instead."
+            )
+        path = path / SPLIT
+    if (path / "state.json").is_file():
+        return _saved_dataset_files(path)
+    return _hub_split_files(path)
+
+
+def _saved_dataset_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    state = folder / "state.json"
+    try:
+        files = [folder / entry["filename"] for entry in json.loads(state.read_bytes())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as error:  # bad JSON, or not the layout `datasets` writes
+        raise ValueError(
+            f"{state}: not a `datasets` state file ({type(error).__name__}: {error}); "
+            "save the dataset again with `Dataset.save_to_disk`."
+        ) from None
+    missing = [file.name for file in files if not file.is_file()]
+    if missing or not files:
+        problem = f"lists {missing[0]}, which is not in the folder" if missing else "lists no data files"
+        raise ValueError(f"{state}: {problem}; save the dataset again with `Dataset.save_to_disk`.")
+    return files
+
+
+def _hub_split_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    names = {}  # file -> its path in the folder, lower case, as split patterns match it
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        hidden = any(part.startswith(".") for part in relative.parts)
+        if file.suffix in FOLDER_SUFFIXES and file.is_file() and not hidden:
+            names[file] = relative.with_suffix("").as_posix().lower()
+    train = [file for file, name in names.items() if TRAIN_SPLIT.search(name)]
+    if not train and not any(OTHER_SPLIT.search(name) for name in names.values()):
+        train = list(names)  # no split names at all: the whole folder is the train split
+    if not train:
+        found = ", ".join(file.relative_to(folder).as_posix() for file in list(names)[:4]) or "none"
+        raise ValueError(
+            f"{folder}: no train-split {' or '.join(FOLDER_SUFFIXES)} files in this folder (such as "
+            f"data/train-00000-of-00001.parquet; found {found}); pass the files themselves."
+        )
+    return train
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yields ``(number from 1, record)`` of one entry of ``data.train_files`` (see
+    :func:`data_files`): a JSONL file's line numbers, a Parquet or Arrow file's row numbers, or a
+    folder's row numbers across its files. Blank JSONL lines are not records; any other unparsable
+    line or file is a ValueError naming it."""
+    path = pathlib.Path(path)
+    files = data_files(path)
+    if files == [path]:
+        yield from _read_file(path)
+        return
+    yield from enumerate((record for file in files for _, record in _read_file(file)), 1)
+
+
+def _read_file(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
+        return
+    if path.suffix == ".arrow":
+        yield from _read_arrow(path)
         return
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):
@@ -121,9 +219,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors; deep nesting is a RecursionError.
+            except (ValueError, RecursionError) as error:
                 raise ValueError(
-                    f"{path}:{number}: not valid JSON ({error}); fix or remove that line."
+                    f"{path}:{number}: not valid JSON ({type(error).__name__}: {error}); fix or remove that line."
                 ) from None
             yield number, record
 
@@ -143,6 +242,25 @@ def _read_parquet(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
         raise ValueError(f"{path}: not a readable Parquet file ({error}).") from None
 
 
+def _read_arrow(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
+    """Rows of an Arrow IPC stream, the format of ``datasets``' ``save_to_disk`` files."""
+    import pyarrow
+    import pyarrow.ipc
+
+    try:
+        with pyarrow.memory_map(str(path)) as source:
+            number = 0
+            for batch in pyarrow.ipc.open_stream(source):
+                for record in batch.to_pylist():
+                    number += 1
+                    yield number, record
+    except pyarrow.ArrowException as error:
+        raise ValueError(
+            f"{path}: not a readable Arrow stream file ({error}); save the dataset again with "
+            "`Dataset.save_to_disk`."
+        ) from None
+
+
 def read_rows(
     files: Iterable[str | os.PathLike],
     layout: str,
@@ -153,8 +271,9 @@ def read_rows(
     """Parses every record of ``files``, counting it in ``report.rows_read`` and, when it is
     unusable, in ``report.skipped`` instead of yielding it."""
     check_layout(layout, field_map)
-    for path in files:
-        for number, record in read_records(path):
+    for path in (file for entry in files for file in data_files(entry)):
+        # Each file of a folder by itself, so that sources name the file the row is in.
+        for number, record in _read_file(path):
             source = f"{path}:{number}"
             report.rows_read += 1
             try:
@@ -182,7 +301,9 @@ def parse_row(
         if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
             label = bool(label)  # 0/1 labels are as common as true/false
         if not isinstance(label, bool):
-            raise BadRow(WRONG_TYPE, f"`{fields.column('label')}` must be true/false or 0/1, got {label!r}")
+            raise BadRow(
+                WRONG_TYPE, f"`{fields.column('label')}` must be true/false or 0/1, got {_short(label)}"
+            )
     elif layout == "ranked":
         prompt, responses, scores = _ranked(fields)
     elif layout == "sft":
@@ -205,9 +326,11 @@ def _example_columns(fields: _Fields, layout: str) -> tuple[tuple[str, float], .
             continue
         value = fields.get(name)
         integer = name == "user_id"
-        if not _is_finite_number(value) or (integer and float(value) != int(value)):
-            kind = "an integer" if integer else "a finite number"
-            raise BadRow(WRONG_TYPE, f"`{fields.column(name)}` must be {kind} or null, got {value!r}")
+        if not _is_finite_number(value) or (
+            integer and (float(value) != int(value) or not 0 <= value < MAX_USER_ID)
+        ):
+            kind = f"an integer from 0 to {MAX_USER_ID - 1}" if integer else "a finite number"
+            raise BadRow(WRONG_TYPE, f"`{fields.column(name)}` must be {kind} or null, got {_short(value)}")
         values.append((name, float(value)))
     return tuple(values)
 
@@ -236,10 +359,17 @@ class _Fields:
 
 def _as_text(value: Any, column: str) -> Text:
     if isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple) and all(_is_message(message) for message in value):
-        return tuple({"role": message["role"], "content": message["content"]} for message in value)
-    raise BadRow(WRONG_TYPE, f"`{column}` must be a string or a list of {{role, content}} messages")
+        text = value
+    elif isinstance(value, list | tuple) and all(_is_message(message) for message in value):
+        text = tuple({"role": message["role"], "content": message["content"]} for message in value)
+    else:
+        raise BadRow(WRONG_TYPE, f"`{column}` must be a string or a list of {{role, content}} messages")
+    strings = (text,) if isinstance(text, str) else (s for message in text for s in message.values())
+    if not all(_is_unicode(string) for string in strings):
+        raise BadRow(
+            WRONG_TYPE, f"`{column}` has an unpaired surrogate escape (like \\ud800), which is not text"
+        )
+    return text
 
 
 def _is_message(value: Any) -> bool:
@@ -248,6 +378,21 @@ def _is_message(value: Any) -> bool:
         and isinstance(value.get("role"), str)
         and isinstance(value.get("content"), str)
     )
+
+
+def _is_unicode(string: str) -> bool:
+    """False for strings with lone surrogates (JSON escapes like ``"\\ud800"``): tokenizers reject them."""
+    try:
+        string.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a report line, not a dump of a huge or nested value."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_empty(text: Text) -> bool:
@@ -370,7 +515,13 @@ def _ranked(fields: _Fields) -> tuple[Text, tuple[Text, ...], tuple[float, ...]]
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A number (not a bool) that float32 holds as a finite value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return abs(float(value)) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _sft(fields: _Fields) -> tuple[Text, tuple[Text, ...]]:

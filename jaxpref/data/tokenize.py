@@ -39,6 +39,7 @@ from jaxpref.data.report import (
     EMPTY_PROMPT,
     EMPTY_RESPONSE,
     IDENTICAL_AFTER_TRUNCATION,
+    TEMPLATE_ERROR,
     TEMPLATE_MISMATCH,
     TOO_LONG,
     BadRow,
@@ -172,6 +173,8 @@ class _Encoder:
         if not row.is_chat:
             return row.prompt, list(row.responses), False
         templated = bool(self.tokenizer.chat_template)
+        if templated and not row.prompt:  # chat templates refuse to render no messages
+            raise BadRow(EMPTY_PROMPT, "the prompt has no messages; give the row a prompt")
         render = self._template if templated else _plain_chat
         prompt = render(list(row.prompt), True)
         responses = []
@@ -186,9 +189,15 @@ class _Encoder:
         return prompt, responses, templated
 
     def _template(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        import jinja2  # as apply_chat_template does: only chat templates need it
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        # Templates reject some rows on purpose ("Conversation roles must alternate user/assistant").
+        except jinja2.TemplateError as error:
+            raise BadRow(TEMPLATE_ERROR, f"the chat template rejects the messages: {error}") from None
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:

@@ -22,9 +22,14 @@ It returns ``B`` finite floats. The bundled sorting task (:mod:`jaxpref.data.syn
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+import importlib.util
+import pathlib
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -50,18 +55,79 @@ BUNDLED: dict[str, RewardFn] = {"sorting_exact": sorting_exact, "sorting_partial
 
 
 def resolve_reward_fn(name: str) -> RewardFn:
-    """A bundled reward function by name (``BUNDLED``), or any function as ``"package.module:function"``."""
+    """A bundled reward function by name (``BUNDLED``), any function as ``"package.module:function"``
+    (found in the current folder first, as ``python`` finds it, then in the installed packages), or
+    one in a Python file as ``"path/to/file.py:function"``."""
     if name in BUNDLED:
         return BUNDLED[name]
-    module_name, sep, attribute = name.partition(":")
-    if not sep:
+    target, sep, attribute = name.rpartition(":")
+    if not sep or not target or not attribute:
         raise ValueError(
-            f"Unknown reward function {name!r}: use one of {sorted(BUNDLED)} or 'package.module:function'."
+            f"Unknown reward function {name!r}: use one of {sorted(BUNDLED)}, 'package.module:function' "
+            "or 'path/to/file.py:function'."
         )
-    fn = getattr(importlib.import_module(module_name), attribute, None)
+    module = _import_file(name, pathlib.Path(target)) if target.endswith(".py") else _import(name, target)
+    fn = getattr(module, attribute, None)
     if not callable(fn):
-        raise ValueError(f"Reward function {name!r}: {module_name} has no function {attribute!r}.")
+        raise ValueError(f"Reward function {name!r}: {target} has no function {attribute!r}.")
     return fn
+
+
+@contextlib.contextmanager
+def _first_on_path(folder: pathlib.Path) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` for the duration: console scripts such as ``jaxpref`` do not
+    put the current folder there, as ``python -m`` does."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
+def _import(name: str, module_name: str) -> types.ModuleType:
+    cwd = pathlib.Path.cwd()
+    try:
+        with _first_on_path(cwd):
+            return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (module_name + ".").startswith(error.name + "."):
+            raise ValueError(
+                f"Reward function {name!r}: no module {module_name!r} in the current folder ({cwd}) or the "
+                f"installed packages; run from the folder that holds {module_name.replace('.', '/')}.py, "
+                "or name the file: 'path/to/file.py:function'."
+            ) from None
+        # The reward module was found; something it imports was not.
+        raise ValueError(f"Reward function {name!r}: importing {module_name} failed: {error}.") from None
+
+
+def _import_file(name: str, path: pathlib.Path) -> types.ModuleType:
+    path = path.resolve()
+    if not path.is_file():
+        raise ValueError(
+            f"Reward function {name!r}: no file {path} (from the current folder {pathlib.Path.cwd()})."
+        )
+    # Registered under the file's name (dataclasses and pickle look modules up there) unless
+    # another module already has that name.
+    module_name = path.stem
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) and pathlib.Path(loaded.__file__).resolve() == path:
+            return loaded
+        raise ValueError(
+            f"Reward function {name!r}: a module named {module_name!r} is already imported "
+            f"(from {getattr(loaded, '__file__', None) or 'built-ins'}); rename {path.name}."
+        )
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        with _first_on_path(path.parent):  # its sibling modules import, as when run as a script
+            spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # as a failed import does: no half-run module left behind
+        raise
+    return module
 
 
 def reward_model_reward(

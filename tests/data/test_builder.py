@@ -86,5 +86,5 @@ def test_no_usable_rows_is_an_error(tmp_path):
 
 
 def test_missing_file_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="not a file"):
+    with pytest.raises(ValueError, match="missing.jsonl: no such file or folder"):
         prepare_dataset(tmp_path / "missing.jsonl", "pairwise", tmp_path / "data", CHAR_TOKENIZER)

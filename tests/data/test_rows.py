@@ -1,5 +1,7 @@
 """Row layouts parse from JSONL and Parquet; bad rows are counted by reason; bad files name the line."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -201,3 +203,29 @@ def test_integer_labels_zero_and_one_are_booleans():
     for value in (0, 1):
         row = parse_row({"prompt": "q", "completion": "a", "label": value}, "unpaired")
         assert row.label is bool(value)
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    path.write_text('{"prompt": "q", "completion": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    report = PreparationReport(layout="sft", files=(str(path),))
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON \(RecursionError"):
+        list(read_rows([path], "sft", report))
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("margin", 10**400), ("margin", 1e39), ("user_id", -1), ("user_id", 2**24), ("user_id", 2**70)],
+)
+def test_numbers_float32_cannot_hold_are_bad_rows(column, value):
+    # Stored as float32: these would become inf or a different user id.
+    with pytest.raises(BadRow, match=f"`{column}` must be") as error:
+        parse_row({"prompt": "q", "chosen": "a", "rejected": "b", column: value}, "pairwise")
+    assert error.value.reason == reasons.WRONG_TYPE
+
+
+def test_lone_surrogates_are_bad_rows():
+    record = json.loads('{"prompt": "q\\ud800", "completion": "a"}')
+    with pytest.raises(BadRow, match="`prompt` has an unpaired surrogate") as error:
+        parse_row(record, "sft")
+    assert error.value.reason == reasons.WRONG_TYPE

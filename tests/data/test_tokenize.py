@@ -74,6 +74,25 @@ def test_template_that_does_not_extend_the_prompt_is_counted():
     assert kept == [] and report.skipped == {reasons.TEMPLATE_MISMATCH: 1}
 
 
+def test_rows_a_chat_template_refuses_are_counted():
+    strict = load_tokenizer(CHAR_TOKENIZER)
+    strict.chat_template = (  # as Llama 2's: roles must alternate, starting with the user
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }};{% endfor %}"
+    )
+    user, assistant = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    rows = [
+        Row((user,), ((assistant,),), source="f:1"),  # kept
+        Row((assistant,), ((assistant,),), source="f:2"),  # template_error
+        Row((), ((assistant,),), source="f:3"),  # no prompt messages to render: empty_prompt
+    ]
+    kept, report = tokenize(rows, strict)
+    assert [row.source for row in kept] == ["f:1"]
+    assert report.skipped == {reasons.TEMPLATE_ERROR: 1, reasons.EMPTY_PROMPT: 1}
+    assert "Conversation roles must alternate" in report.examples[reasons.TEMPLATE_ERROR][0]
+
+
 def test_unusable_rows_after_tokenisation_are_counted(char_tokenizer):
     rows = [
         Row("q", ("abcx", "abcy"), source="f:1"),  # same first tokens: identical_after_truncation

@@ -1,6 +1,8 @@
 """Reward functions: the sorting checkers, lookup by name, and a reward model (one head or an
 ensemble) scoring padded rollouts exactly as it scores each unpadded sequence."""
 
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +39,53 @@ def test_reward_functions_are_found_by_name():
         resolve_reward_fn("exact")
     with pytest.raises(ValueError, match="has no function 'nope'"):
         resolve_reward_fn("jaxpref.train.rewards:nope")
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """The current folder is ``tmp_path``, and not on ``sys.path``: as for the ``jaxpref`` console
+    script. Modules imported from it are forgotten afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", ".", str(tmp_path))])
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        if name.startswith("cwd_"):
+            del sys.modules[name]
+
+
+def test_reward_module_in_the_current_folder_is_found(user_folder):
+    (user_folder / "cwd_helpers.py").write_text("BONUS = 2.0\n")
+    (user_folder / "cwd_rewards.py").write_text(
+        "from cwd_helpers import BONUS\n\ndef fn(completions, **kwargs):\n    return [BONUS] * len(completions)\n"
+    )
+    path = list(sys.path)
+    fn = resolve_reward_fn("cwd_rewards:fn")
+    assert fn(completions=["a", "b"]) == [2.0, 2.0]
+    assert sys.path == path  # the current folder was on it only for the import
+
+    with pytest.raises(
+        ValueError, match=rf"no module 'cwd_missing' in the current folder \({user_folder}\).*run from"
+    ):
+        resolve_reward_fn("cwd_missing:fn")
+    (user_folder / "cwd_broken.py").write_text("import cwd_not_installed\n")
+    with pytest.raises(ValueError, match="importing cwd_broken failed: No module named 'cwd_not_installed'"):
+        resolve_reward_fn("cwd_broken:fn")
+
+
+def test_reward_function_from_a_file_path(user_folder):
+    (user_folder / "sub").mkdir()
+    (user_folder / "sub" / "cwd_sibling.py").write_text("SCALE = 3.0\n")
+    (user_folder / "sub" / "cwd_file_rewards.py").write_text(
+        "from cwd_sibling import SCALE\n\ndef fn(completions, **kwargs):\n    return [SCALE * len(c) for c in completions]\n"
+    )
+    fn = resolve_reward_fn("sub/cwd_file_rewards.py:fn")
+    assert fn(completions=["ab"]) == [6.0]
+    assert resolve_reward_fn("sub/cwd_file_rewards.py:fn") is fn  # imported once
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        resolve_reward_fn("sub/cwd_file_rewards.py:nope")
+    with pytest.raises(ValueError, match=r"no file .*sub/cwd_none.py"):
+        resolve_reward_fn("sub/cwd_none.py:fn")
 
 
 ROLLOUT = dict(  # two sequences of 6 tokens, split 3 + 3 and 1 + 5: left- and right-padding differ per row
