@@ -20,16 +20,23 @@
     jaxpref diffusion                              # image denoisers on the bundled shapes task: every method
     jaxpref diffusion-dpo --set dpo.steps=400      # one method (diffusion-kto, flow-dpo, draft alike)
 
-Every run writes ``runs/<name>/``: the resolved ``config.json``, the prepared data and its bad-row
-report, orbax checkpoints (rerunning the same command resumes), metrics (JSONL, TensorBoard,
-``curves.png``) and the trained weights in Hugging Face layout under ``hf/``. Multi-host (TPU pod
-slices, multi-node GPU): run the same command on every host with ``--distributed``. The configs and
-runners are :mod:`jaxpref.recipes`; a bad setting is a one-line error before anything is built.
+Every run writes ``runs/<name>/`` (``<name>`` defaults to the subcommand): the resolved
+``config.json``, the prepared data and its bad-row report, orbax checkpoints, metrics (JSONL,
+TensorBoard, ``curves.png``) and the trained weights in Hugging Face layout under ``hf/``. Rerunning
+the same command resumes; a folder holding a different run, or in use by a live run, is refused
+before anything is built (:mod:`jaxpref.recipes.run_folder`; ``--overwrite`` starts it afresh).
+Settings come from the subcommand's defaults, then ``--config run.yaml`` (YAML or JSON, the keys of
+``--set`` nested), then the flags and ``--set``; ``--print-config`` shows the result. Multi-host (TPU
+pod slices, multi-node GPU): run the same command on every host with ``--distributed``. The configs
+and runners are :mod:`jaxpref.recipes`; a mistake a user can make (a bad setting, a missing file, a
+folder of another run) is one line ``jaxpref <cmd>: error: ...`` and exit status 2 (``--debug``: the
+traceback). Libraries' INFO logs are off unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -53,7 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpref", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML or JSON file of settings, the keys of --set nested (e.g. train: {steps: 100}); "
+        "the flags and --set override it",
+    )
     add_override_argument(common)
+    common.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (JSON) and exit"
+    )
+    common.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run folder runs/<name> and start afresh (by default a rerun resumes it, and a "
+        "different run there is refused)",
+    )
+    common.add_argument(
+        "--verbose", action="store_true", help="show the libraries' INFO logs (orbax, absl, TFDS, jax)"
+    )
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     common.add_argument(
         "--distributed",
         action="store_true",
@@ -128,60 +154,140 @@ def _no_check(config: Any) -> None:
     """For configs whose runners check what they use as they start."""
 
 
-def _command(
-    args: argparse.Namespace,
-) -> tuple[Any, list[str], Callable[[Any], object], Callable[[Any], object]]:
-    """The subcommand's starting config, its overrides, a check of the parsed config that builds
-    nothing (a ValueError for a bad setting), and its runner (jaxpref.recipes)."""
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    start: Any  # the subcommand's starting config
+    overrides: list[str]  # its flags as --set assignments, then the --set ones
+    check: Callable[[Any], object]  # checks the parsed config, building nothing (ValueError)
+    run: Callable[[Any], object]  # its runner (jaxpref.recipes)
+    trains: bool = True  # one training run: its folder's identity is checked (run_folder)
+
+
+def _command(args: argparse.Namespace) -> _Command:
     from jaxpref.recipes import configs
     from jaxpref.recipes.offline import run_objective
 
     if args.command == "demo":
         from jaxpref.recipes.demo import run_demo
 
-        return configs.DemoConfig(), args.overrides, lambda config: run_objective(config.dpo), run_demo
+        return _Command(
+            configs.DemoConfig(), args.overrides, lambda c: run_objective(c.dpo), run_demo, trains=False
+        )
     if args.command == "diffusion" or args.command in _DIFFUSION:
         from jaxpref.recipes.diffusion import DiffusionExperimentConfig, run_diffusion
 
         shortcuts = [f"methods={json.dumps(args.method)}"] if args.method else []
         shortcuts += [f"name={args.name}"] if args.name else []
-        return DiffusionExperimentConfig(), [*shortcuts, *args.overrides], _no_check, run_diffusion
+        return _Command(
+            DiffusionExperimentConfig(), [*shortcuts, *args.overrides], _no_check, run_diffusion, trains=False
+        )
     overrides = [*_shortcuts(args), *args.overrides]
     if args.command in configs.ONLINE_SUBCOMMAND_CONFIGS:
         from jaxpref.recipes.online import build_algorithm, run_online_command
 
-        return configs.ONLINE_SUBCOMMAND_CONFIGS[args.command], overrides, build_algorithm, run_online_command
+        return _Command(
+            configs.ONLINE_SUBCOMMAND_CONFIGS[args.command], overrides, build_algorithm, run_online_command
+        )
     start = configs.SUBCOMMAND_CONFIGS[args.command]
     if args.command == "reward":
         from jaxpref.recipes.reward import reward_objective, run_reward
 
-        return start, overrides, reward_objective, run_reward
+        return _Command(start, overrides, reward_objective, run_reward)
     if args.command == "reward-eval":
         from jaxpref.recipes.reward_eval import run_reward_eval
 
-        return start, overrides, _no_check, run_reward_eval
+        return _Command(start, overrides, _no_check, run_reward_eval, trains=False)
     from jaxpref.recipes.offline import run_offline
 
-    return start, overrides, run_objective, run_offline
+    return _Command(start, overrides, run_objective, run_offline)
+
+
+# Libraries that log progress at INFO (orbax, through absl, every save and restore; TFDS every preparation).
+_CHATTY_LOGGERS = ("absl", "orbax", "tensorflow_datasets", "jax", "grain")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (tests and notebooks replace it)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+class _NoTFDSWarnings(logging.Filter):
+    """TFDS warns through absl about what local-file datasets always are (a custom builder
+    config, no ``dataset_info.json`` yet); its errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+def _configure_logging(verbose: bool) -> None:
+    """jaxpref's own INFO messages and every library's warnings; everything with ``verbose``."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_NoTFDSWarnings())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("jaxpref").setLevel(logging.INFO)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
+    from jaxpref.recipes.run_folder import RunFolderError
+    from jaxpref.train.loop import NonFiniteLossError, TrainingInterrupted
+
+    def one_line(error: BaseException) -> str:
+        return " ".join(str(error).split()) or type(error).__name__
+
+    try:
+        return _main(args)
+    # What a user can cause and fix from the message (a setting, a file, a folder, a full disk).
+    except (ValueError, OSError, RunFolderError, NonFiniteLossError) as error:
+        if args.debug:
+            raise
+        parser.exit(2, f"jaxpref {args.command}: error: {one_line(error)}\n")
+    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: checkpointed at a step boundary
+        parser.exit(
+            stop.exit_code, f"jaxpref {args.command}: {one_line(stop)} Rerun the command to resume.\n"
+        )
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, f"jaxpref {args.command}: interrupted\n")
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.distributed:
         import jax
 
         jax.distributed.initialize()  # reads the cluster from the TPU / SLURM / env settings
-    from jaxpref.overrides import apply_overrides
+    from jaxpref.overrides import apply_overrides, apply_settings, load_settings, to_dict
+    from jaxpref.recipes.run_folder import open_run_folder
 
-    start, overrides, check, run = _command(args)
-    try:
-        config = apply_overrides(start, overrides)
-        check(config)
-    except ValueError as error:  # a bad setting: one line, before any model is built or data prepared
-        parser.exit(2, f"jaxpref {args.command}: error: {error}\n")
-    run(config)
+    command = _command(args)
+    config = command.start
+    if args.config:
+        config = apply_settings(config, load_settings(args.config))
+    config = apply_overrides(config, command.overrides)
+    command.check(config)  # a bad setting fails here, before any model is built or data prepared
+    if args.print_config:
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    lead = True
+    if args.distributed:
+        import jax
+
+        lead = jax.process_index() == 0
+    with open_run_folder(config, identity=command.trains, overwrite=args.overwrite, lead=lead) as folder:
+        if folder.finished_step is not None:
+            print(
+                f"run {config.name} already finished at step {folder.finished_step}; nothing to do ({folder.path})"
+            )
+            return 0
+        command.run(folder.config)
     return 0
 
 

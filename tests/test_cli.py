@@ -1,11 +1,15 @@
 """The `jaxpref` console script: subcommands, --set overrides, run folders."""
 
 import json
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
 
 from jaxpref.cli import main
+from jaxpref.recipes.common import DeadRunWatch
 from jaxpref.data.synthetic import SortingTask, sft_rows, write_jsonl
 from jaxpref.overrides import apply_overrides
 from jaxpref.recipes.configs import SUBCOMMAND_CONFIGS
@@ -74,8 +78,9 @@ def test_training_subcommands_write_their_run(command, extra, files, tmp_path, c
             np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
     assert (run_dir / "hf" / "config.json").exists() and (run_dir / "metrics" / "curves.png").exists()
     assert f"{command} finished" in capsys.readouterr().out
-    # Rerunning the same command resumes from the last checkpoint: nothing left to train.
+    # Rerunning the same command finds the run finished: nothing to train, nothing rewritten.
     assert main(argv) == 0
+    assert capsys.readouterr().out == f"run {command} already finished at step 3; nothing to do ({run_dir})\n"
     assert len((run_dir / "metrics" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -115,7 +120,13 @@ def test_overrides_are_typed_and_checked():
             "--set=objective.gamma=1",
             "No term of objective 'sigmoid' accepts hyperparameter(s) ['gamma']",
         ),
-        ("grpo", "--set=grpo.loss_type=nope", "`grpo.loss_type`='nope': `loss_type`='nope' must be one of"),
+        ("grpo", "--set=grpo.loss_type=nope", "`grpo.loss_type`='nope' must be one of"),
+        ("dpo", "--steps=0", "`train.steps`=0 must be an integer >= 1."),
+        (
+            "dpo",
+            "--set=optimizer.learning_rate=inf",
+            "`optimizer.learning_rate`=inf must be a finite number > 0.",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_before_anything_is_built(command, setting, message, tmp_path, capsys):
@@ -125,6 +136,29 @@ def test_a_bad_setting_is_one_line_before_anything_is_built(command, setting, me
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"jaxpref {command}: error: ") and message in last
     assert not any(tmp_path.iterdir())
+
+
+def test_a_30_step_run_prints_under_30_lines(files, tmp_path):
+    # A subprocess: the command's own logging set-up, stdout and stderr not terminals (lines, no bar).
+    argv = ["dpo", f"--data={files['dpo']}", "--steps=30", f"--set=runs_dir={tmp_path}", *TINY[1:3]]
+    result = subprocess.run([sys.executable, "-m", "jaxpref.cli", *argv], capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert result.returncode == 0 and len(lines) < 30, "\n".join(lines)
+    assert "dpo finished: 30 steps" in result.stdout and "step 30/30 (100%)" in result.stderr
+    assert not any("absl" in line or "orbax" in line for line in lines), "\n".join(lines)
+
+
+def test_a_dead_run_is_flagged_once(caplog):
+    written = []
+    watch = DeadRunWatch(
+        types.SimpleNamespace(write=lambda *a: written.append(a), flush=lambda: "flushed"), 4, 1e6
+    )
+    for step in range(1, 10):
+        watch.write(step, {"loss": 0.5 if step > 2 else float(step), "grad_norm": 0.1})
+    assert len(written) == 9 and watch.flush() == "flushed"  # a metrics writer still
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("DEAD RUN? At step 6 the loss stayed at 0.5 for 4 steps in a row")
+    assert "optimizer.learning_rate=1e+06" in warning
 
 
 def test_help_lists_the_objectives(capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,6 +38,8 @@ from jaxpref.train.checkpoint import make_checkpoint_manager
 from jaxpref.train.loop import train
 from jaxpref.train.metrics import DEFAULT_PLOT_KEYS, MetricsWriter
 from jaxpref.train.step import TrainState
+
+logger = logging.getLogger(__name__)
 
 
 def build_mesh(config: MeshConfig) -> Mesh:
@@ -111,7 +114,8 @@ def _build_model(
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
+    """AdamW with linear warm-up then cosine decay to 10% over ``total_steps`` (a run's
+    ``train.schedule_length``; the rate stays at 10% after it), after global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -140,8 +144,9 @@ def train_and_export(
     Checkpoints go to ``runs/<name>/checkpoints`` (a rerun resumes from the latest), metrics to
     ``metrics/`` (``plot_keys`` drawn in ``curves.png``), the weights in Hugging Face layout to
     ``hf/``. A LoRA model's adapters go to ``adapter/`` (:func:`~jaxpref.models.lora.save_adapters`)
-    and its merged weights to ``hf/`` unless ``config.lora.merge`` is false. In a multi-host run
-    every process calls it: the save is collective and process 0 writes the files.
+    and its merged weights to ``hf/`` unless ``config.lora.merge`` is false. A run that stops
+    learning is flagged (:class:`DeadRunWatch`). In a multi-host run every process calls it: the
+    save is collective and process 0 writes the files.
     """
     run_dir = config.run_dir
     lead = jax.process_index() == 0
@@ -154,6 +159,8 @@ def train_and_export(
         writer = (
             stack.enter_context(MetricsWriter(run_dir / "metrics", plot_keys=plot_keys)) if lead else None
         )
+        if writer is not None and config.train.dead_run_steps:
+            writer = DeadRunWatch(writer, config.train.dead_run_steps, config.optimizer.learning_rate)
         state = train(
             step.init(),
             step,
@@ -177,6 +184,66 @@ def train_and_export(
         if lead:
             tokenizer.save_pretrained(run_dir / "hf")
     return state
+
+
+class DeadRunWatch:
+    """A metrics writer that also warns, once, when the run looks dead: ``patience`` steps in a row
+    with a gradient norm of exactly 0 or exactly the same loss. Updates then change nothing, and the
+    run would otherwise end normally with an untrained model."""
+
+    def __init__(self, writer: MetricsWriter, patience: int, learning_rate: float):
+        self.writer, self.patience, self.learning_rate = writer, patience, learning_rate
+        self.zero_grads = self.same_loss = 0  # lengths of the current streaks
+        self.last_loss: float | None = None
+        self.warned = False
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.writer.write(step, metrics)
+        loss = metrics.get("loss")
+        self.zero_grads = self.zero_grads + 1 if metrics.get("grad_norm") == 0.0 else 0
+        self.same_loss = self.same_loss + 1 if loss is not None and loss == self.last_loss else 1
+        self.last_loss = loss
+        if self.warned or max(self.zero_grads, self.same_loss) < self.patience:
+            return
+        self.warned = True
+        what = (
+            f"the gradient norm was exactly 0 for {self.zero_grads} steps in a row"
+            if self.zero_grads >= self.patience
+            else f"the loss stayed at {loss:.6g} for {self.same_loss} steps in a row"
+        )
+        logger.warning(
+            "DEAD RUN? At step %d %s: the model is not learning. Usual causes: a learning rate far too "
+            "large for the model (optimizer.learning_rate=%g) or too small to move it; a saturated "
+            "loss; online, rewards equal within every group. `train.dead_run_steps` sets this check.",
+            step, what, self.learning_rate,
+        )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:  # flush, plot, close...: the writer's
+        return getattr(self.writer, name)
+
+
+def print_summary(
+    config: RunConfig | OnlineRunConfig,
+    what: str,
+    metrics: Mapping[str, float],
+    shown: Sequence[str],
+    **files,
+) -> None:
+    """The end of a run on one screen: what ran, its final metrics and where its files are
+    (``files``: label -> path, beside the weights, metrics and config every run writes)."""
+    run_dir = config.run_dir
+    final = ", ".join(f"{key}={metrics[key]:.4g}" for key in shown if key in metrics)
+    weights = run_dir / "hf" if (run_dir / "hf").exists() else run_dir / "adapter"
+    rows = {
+        "final": f"step {int(metrics.get('step', 0))}: {final}",
+        "weights": weights,
+        "metrics": f"{run_dir / 'metrics'} (metrics.jsonl, curves.png; tensorboard --logdir {run_dir / 'metrics'})",
+        "config": run_dir / "config.json",
+        **files,
+    }
+    print(f"{config.name} finished: {what}")
+    for label, value in rows.items():
+        print(f"  {label:<9}{value}")
 
 
 def sample_completions(

@@ -9,14 +9,45 @@ Override any field from the command line with ``--set section.field=value`` (see
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 from jaxpref.models.logprobs import DEFAULT_CHUNK_SIZE
+from jaxpref.objectives.common import check_range
 from jaxpref.train.online import GRPO, PPO, OnlineDPO
 
 # Package data: the character tokenizer of the bundled tasks and an example RewardBench-layout file.
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 CHAR_TOKENIZER = str(ASSETS / "char_tokenizer")
+
+
+# The checks below run as a config is built, so `--set train.steps=0` fails when it is parsed, before
+# anything is built; the CLI prefixes the section ("`train.steps`=0 must be ...").
+def check_integers(config, minimum: int, *names: str, optional: bool = False) -> None:
+    """A ValueError naming the first of ``names`` that is not an integer >= ``minimum`` (or None,
+    with ``optional``)."""
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if type(value) is not int or value < minimum:
+            raise ValueError(f"`{name}`={value!r} must be an integer >= {minimum}.")
+
+
+def check_numbers(config, *names: str, positive: bool = True) -> None:
+    """A ValueError naming the first of ``names`` that is not a finite number > 0 (>= 0 unless
+    ``positive``)."""
+    for name in names:
+        value = getattr(config, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ValueError(f"`{name}`={value!r} must be a finite number {'> 0' if positive else '>= 0'}.")
+
+
+def check_choice(config, name: str, choices) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"`{name}`={value!r} must be one of {list(choices)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +67,10 @@ class ModelConfig:
     remat: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        check_integers(self, 1, "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+        check_integers(self, 0, "seed")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -46,6 +81,11 @@ class DataConfig:
     batch_size: int = 32
     prefix_sharing: bool = True  # pairwise: prompt computed once per pair
     seed: int = 0
+
+    def __post_init__(self):
+        check_integers(self, 1, "max_length", "batch_size")
+        check_integers(self, 1, "max_prompt_length", optional=True)
+        check_integers(self, 0, "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +105,11 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
+    def __post_init__(self):
+        check_numbers(self, "learning_rate", "max_grad_norm")
+        check_numbers(self, "weight_decay", positive=False)
+        check_integers(self, 0, "warmup_steps")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -72,17 +117,41 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        if type(self.data) is not int or (self.data < 1 and self.data != -1):
+            raise ValueError(f"`data`={self.data!r} must be -1 (the devices left) or an integer >= 1.")
+        check_integers(self, 1, "fsdp", "tensor")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """What every training loop needs: length, checkpoints, the non-finite stop, LM-head chunks."""
+    """What every training loop needs: length, learning-rate schedule, checkpoints, the non-finite
+    stop, the dead-run warning, LM-head chunks."""
 
     steps: int = 200
+    # Length of the learning-rate schedule (warm-up, then cosine decay; after it the rate stays at its
+    # final 10%); None: `steps`. A resumed run with more `steps` keeps its first run's schedule.
+    schedule_steps: int | None = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_consecutive_nonfinite: int = 10
+    # Warn when this many steps in a row have a gradient norm of exactly 0 or an unchanged loss
+    # (a dead run: a learning rate far too large, say); 0: never.
+    dead_run_steps: int = 20
     chunk_size: int = DEFAULT_CHUNK_SIZE  # LM-head tokens per chunk
     progress: bool = True
+
+    def __post_init__(self):
+        check_integers(self, 1, "steps", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite")
+        check_integers(self, 1, "chunk_size")
+        check_integers(self, 1, "schedule_steps", optional=True)
+        check_integers(self, 0, "dead_run_steps")
+        if self.dead_run_steps == 1:
+            raise ValueError("`dead_run_steps`=1 would flag every step; use 0 (no check) or >= 2.")
+
+    @property
+    def schedule_length(self) -> int:
+        return self.steps if self.schedule_steps is None else self.schedule_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +161,11 @@ class TrainConfig(LoopConfig):
     # The kind of training (jaxpref.train.families: sft, pairwise, unpaired, reward, listwise,
     # token_level); "auto" is the data layout's own (ranked rows: listwise).
     family: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_integers(self, 1, "grad_accum_steps")
+        check_choice(self, "reference", ("frozen", "cached", "none"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +180,12 @@ class LoRAConfig:
     quantize: str | None = None  # "int8": QLoRA, the decoder layers' linears stored int8
     adapter_dtype: str = "float32"
     merge: bool = True  # also write the merged weights to hf/ (the adapters always go to adapter/)
+
+    def __post_init__(self):
+        check_integers(self, 0, "rank")
+        check_numbers(self, "alpha")
+        check_numbers(self, "dropout", positive=False)
+        check_range("dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +227,10 @@ class RewardConfig:
     # (`jaxpref reward --eval`), or the files of `jaxpref reward-eval`.
     eval_files: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        check_integers(self, 1, "ensemble_size", "embedding_dim")
+        check_numbers(self, "uncertainty_coefficient", positive=False)
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardRunConfig(RunConfig):
@@ -164,7 +248,9 @@ SUBCOMMAND_CONFIGS = {
     "listwise": RunConfig(
         name="listwise", data=DataConfig(layout="ranked"), objective=ObjectiveConfig("lipo_lambda")
     ),
-    "tdpo": RunConfig(name="tdpo", objective=ObjectiveConfig("tdpo2"), train=TrainConfig(family="token_level")),
+    "tdpo": RunConfig(
+        name="tdpo", objective=ObjectiveConfig("tdpo2"), train=TrainConfig(family="token_level")
+    ),
     "reward": RewardRunConfig(
         name="reward", objective=ObjectiveConfig("bradley_terry"), train=TrainConfig(reference="none")
     ),
@@ -200,6 +286,13 @@ class DemoConfig:
         train=TrainConfig(steps=300, reference="cached", checkpoint_every=300),
     )
 
+    def __post_init__(self):
+        check_integers(self, 1, "sft_examples", "pair_prompts", "eval_prompts", "samples_per_eval_prompt")
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.runs_dir) / self.name
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptDataConfig:
@@ -212,6 +305,10 @@ class PromptDataConfig:
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     bucket: int = 16  # padded prompt lengths are multiples of this: one compilation per bucket
     seed: int = 0
+
+    def __post_init__(self):
+        check_integers(self, 1, "batch_size", "max_prompt_length", "bucket")
+        check_integers(self, 0, "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +336,14 @@ class RolloutConfig:
     # policy's tokenizer): each completion's win rate against the other completions of its prompt
     # (Pref-GRPO, jaxpref.train.preference_rewards), scored as "preference_win_rate".
     preference_model: str | None = None
+
+    def __post_init__(self):
+        check_integers(self, 1, "num_generations", "num_iterations", "max_new_tokens")
+        check_integers(self, 0, "top_k")
+        check_numbers(self, "temperature", positive=False)
+        check_numbers(self, "top_p")
+        check_range("top_p", self.top_p, 0.0, 1.0)
+        check_numbers(self, "reward_uncertainty_coefficient", positive=False)
 
 
 # The algorithms are the config sections (subclassed where free-form overrides need a home), so

@@ -17,7 +17,6 @@ Run: ``jaxpref demo [--set dpo.train.steps=200 ...]`` (``make demo``).
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -97,7 +96,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     loss = run_objective(config.dpo)  # a bad DPO objective setting fails now, not after SFT
     mesh = build_mesh(config.sft.mesh)
     tokenizer = build_tokenizer(config.model)
-    run_dir = pathlib.Path(config.runs_dir) / config.name
+    run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     task = SortingTask()

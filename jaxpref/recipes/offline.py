@@ -12,7 +12,6 @@ built or data prepared.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,17 +23,18 @@ from jax.sharding import Mesh
 from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
 from jaxpref.data.loader import dataset_metadata
 from jaxpref.objectives import Objective, parse_objective
-from jaxpref.overrides import to_dict
 from jaxpref.recipes.common import (
     build_mesh,
     build_policy,
     build_tokenizer,
     make_optimizer,
+    print_summary,
     read_metrics,
     train_and_export,
 )
 from jaxpref.recipes.configs import RunConfig
 from jaxpref.recipes.objectives import family_objectives
+from jaxpref.recipes.run_folder import write_config
 from jaxpref.train.families import SHORTHANDS as FAMILIES
 from jaxpref.train.reference import ReferenceLogps, cached_reference_logps
 from jaxpref.train.step import build_step
@@ -114,8 +114,10 @@ def train_run(
     *,
     family: str | None = None,
     loss: Objective | None = None,
+    source=None,
 ) -> nnx.Module:
-    """Prepares the data, trains ``model`` in place, and writes the run folder.
+    """Prepares the data (unless ``source``, :func:`prepare_train_data`'s, is given), trains ``model``
+    in place, and writes the run folder.
 
     ``family`` is the train-step family (:func:`~jaxpref.train.step.build_step`); by default the
     data layout's own (``sft``, ``pairwise``, ``unpaired``). ``"reward"`` trains a
@@ -131,17 +133,17 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0  # in a multi-host run, process 0 writes the files
     if lead:
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        write_config(config)
     family = run_family(config, family)
-    source, report = prepare_train_data(config, tokenizer)
-    print(report)
+    if source is None:
+        source, _ = prepare_train_data(config, tokenizer)  # its report is logged as it is prepared
     reference = config.train.reference if FAMILIES[family].has_reference else "none"
     if loss is None:
         loss = run_objective(config, family)
     step = build_step(
         model,
         loss,
-        make_optimizer(config.optimizer, config.train.steps),
+        make_optimizer(config.optimizer, config.train.schedule_length),
         mesh,
         reference=reference,
         family=family,
@@ -177,15 +179,20 @@ def train_run(
 
 
 def run_offline(config: RunConfig) -> Mapping[str, float]:
-    """``jaxpref sft|dpo|kto``: checks the objective, builds the policy and tokenizer, trains, prints a
-    summary; returns the last step's metrics."""
+    """``jaxpref sft|dpo|kto|listwise|tdpo``: checks the objective, builds the policy and tokenizer,
+    trains, prints a summary; returns the last step's metrics."""
     loss = run_objective(config)
     mesh = build_mesh(config.mesh)
     tokenizer = build_tokenizer(config.model)
     model = build_policy(config.model, tokenizer, mesh, lora=config.lora)
     train_run(config, model, tokenizer, mesh, loss=loss)
     last = read_metrics(config.run_dir)[-1]
-    shown = ("step", "loss", "rewards/accuracies")
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in shown)
-    print(f"{config.name} finished: {summary}; run written to {config.run_dir}")
+    objective = "" if run_family(config) == "sft" else f" of {config.objective.name!r}"
+    print_summary(
+        config,
+        f"{config.train.steps} steps{objective} on {', '.join(config.data.train_files)}, "
+        f"from {config.model.checkpoint or 'a fresh tiny decoder'}",
+        last,
+        ("loss", "rewards/accuracies", "rewards/margins", "grad_norm"),
+    )
     return last

@@ -17,7 +17,6 @@ backbone; the value head starts fresh). ``runs/<name>/`` gets ``config.json``, `
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,16 +28,17 @@ from jaxpref.data.rows import read_records
 from jaxpref.inference.reward import load_reward_model
 from jaxpref.models import CausalLMWithValueHead, Decoder
 from jaxpref.models.sampling import SamplingConfig
-from jaxpref.overrides import to_dict
 from jaxpref.recipes.common import (
     build_mesh,
     build_policy,
     build_tokenizer,
     make_optimizer,
+    print_summary,
     read_metrics,
     train_and_export,
 )
 from jaxpref.recipes.configs import OnlineRunConfig
+from jaxpref.recipes.run_folder import write_config
 from jaxpref.train.online import GRPO, ONLINE_ALGORITHMS, PPO, OnlineDPO, OnlineStep, build_online_step
 from jaxpref.train.preference_rewards import PREFERENCE_REWARD_NAME, load_win_rate_reward
 from jaxpref.train.rewards import RewardFn, resolve_reward_fn, reward_model_reward
@@ -102,7 +102,7 @@ def build_run_step(config: OnlineRunConfig, model: nnx.Module, tokenizer, mesh: 
     )
     return build_online_step(
         model,
-        make_optimizer(config.optimizer, config.train.steps * rollout.num_iterations),
+        make_optimizer(config.optimizer, config.train.schedule_length * rollout.num_iterations),
         mesh,
         algorithm=build_algorithm(config),
         reward_fns=reward_fns,
@@ -127,7 +127,7 @@ def run_online(
     writes the run folder; an interrupted run resumes from its latest checkpoint."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    write_config(config)
     rows = read_prompt_rows(config.data.train_files) if rows is None else rows
     step = build_run_step(config, model, tokenizer, mesh)
     batches = PromptBatches(
@@ -150,10 +150,11 @@ def run_online_command(config: OnlineRunConfig) -> dict[str, float]:
     policy = build_policy(config.model, tokenizer, mesh, model_class=model_class, lora=config.lora)
     run_online(config, policy, tokenizer, mesh)
     last = read_metrics(config.run_dir)[-1]
-    shown = ("step", "reward", "reward_std", "kl", "completions/mean_length")
-    print(
-        f"{config.name} finished: "
-        + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in shown)
-        + f"; run written to {config.run_dir}"
+    print_summary(
+        config,
+        f"{config.train.steps} steps of {config.algorithm} on the prompts of {', '.join(config.data.train_files)}, "
+        f"from {config.model.checkpoint or 'a fresh tiny decoder'}",
+        last,
+        ("reward", "reward_std", "kl", "completions/mean_length", "loss"),
     )
     return last

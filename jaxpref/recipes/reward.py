@@ -64,7 +64,7 @@ from jaxpref.objectives.reward import (
     multi_objective_loss,
     rating_regression_loss,
 )
-from jaxpref.recipes.common import build_mesh, build_policy, build_tokenizer, read_metrics
+from jaxpref.recipes.common import build_mesh, build_policy, build_tokenizer, print_summary, read_metrics
 from jaxpref.recipes.configs import RewardConfig, RewardRunConfig
 from jaxpref.recipes.objectives import GPM, family_objectives
 from jaxpref.recipes.offline import prepare_train_data, train_run
@@ -355,13 +355,13 @@ def run_reward(config: RewardRunConfig) -> dict[str, Any]:
     model = build_policy(
         config.model, tokenizer, mesh, model_class=reward_model_class(config), lora=config.lora
     )
-    train_run(config, model, tokenizer, mesh, family="reward", loss=loss)
+    source, _ = prepare_train_data(config, tokenizer)  # trained on, then scored
+    train_run(config, model, tokenizer, mesh, family="reward", loss=loss, source=source)
     link, temperature = preference_link(config.objective.name, config.objective.hparams, config.reward)
     lead = jax.process_index() == 0
     if lead:
         _store_preference_link(config.run_dir / "hf", link, temperature, config.reward)
 
-    source, _ = prepare_train_data(config, tokenizer)  # the dataset train_run stored, reused
     batches = make_loader(
         source,
         config.data.batch_size,
@@ -376,13 +376,17 @@ def run_reward(config: RewardRunConfig) -> dict[str, Any]:
         "train_margin": float(np.mean(scores)),
         "train_pairs": len(scores),
     }
-    print(
-        f"reward model: accuracy {results['train_accuracy']:.1%} on {len(scores)} training pairs, mean margin "
-        f"{results['train_margin']:.3f}; run written to {config.run_dir}"
-    )
     if config.reward.eval_files:
         evaluation = evaluate_reward_model(model, tokenizer, config, link=link, temperature=temperature)
         results |= {"eval_accuracy": evaluation["accuracy"], "eval_score": evaluation["score"]}
     if lead:
         (config.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print_summary(
+        config,
+        f"{config.train.steps} steps of {config.objective.name!r} on {', '.join(config.data.train_files)}; "
+        f"accuracy {results['train_accuracy']:.1%} on the {len(scores)} training pairs",
+        results,
+        ("loss", "rewards/accuracies", "train_margin", "eval_accuracy", "eval_score"),
+        results=config.run_dir / "results.json",
+    )
     return results

@@ -9,9 +9,10 @@ from jaxpref.recipes.diffusion import METHODS, DiffusionExperimentConfig, markdo
 
 
 def test_cli_passes_methods_and_overrides_to_the_experiment(tmp_path):
-    # An unknown method fails before anything is trained, after the CLI built the config.
+    # An unknown method fails before anything is trained, after the CLI built the config (--debug:
+    # the error itself, not its one line).
     with pytest.raises(ValueError, match="methods"):
-        main(["diffusion", "--method", "dpo", "sft", "--name", "x", f"--set=runs_dir={tmp_path}"])
+        main(["diffusion", "--method", "dpo", "sft", "--name", "x", f"--set=runs_dir={tmp_path}", "--debug"])
     assert not (tmp_path / "x").exists()
 
 
