@@ -140,10 +140,11 @@ def make_loader(
     )
     dropped = loader.dropped_by_sharding + loader.dropped_by_batching
     logger.log(
-        logging.WARNING if dropped else logging.INFO,
+        logging.WARNING if dropped else logging.DEBUG,
         "Loader: %s rows, shard %d of %d, %s batches of %d, row lengths %s; dropped %d rows per epoch "
         "by sharding, %d by batching",
-        len(data_source), shard_index, shard_count, loader.num_batches, batch_size, row_lengths,
+        len(data_source), shard_index, shard_count,
+        "unbounded" if loader.num_batches is None else loader.num_batches, batch_size, row_lengths,
         loader.dropped_by_sharding, loader.dropped_by_batching,
     )  # fmt: skip
     return loader

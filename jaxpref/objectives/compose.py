@@ -215,6 +215,22 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+def _check_hparam(name: str, key: str, value: Any, default: Any) -> None:
+    """A scalar hyperparameter of the default's kind (a list or a string for a number is a config
+    typo), finite, and a positive ``beta`` (every objective's inverse temperature). Arrays pass:
+    they are for sweeps under jit."""
+    expected, got = _kind(default), _kind(value)
+    problem = None
+    if expected and (got not in (None, expected) or isinstance(value, list | tuple | dict)):
+        problem = f"must be {expected}, like its default {default!r}"
+    elif got == "a number" and not math.isfinite(value):
+        problem = "must be finite"
+    elif key == "beta" and got == "a number" and value <= 0:
+        problem = "must be > 0"
+    if problem:
+        raise ValueError(f"Hyperparameter `{key}`={value!r} of objective {name!r} {problem}.")
+
+
 def objective(name: str, **hparams) -> Objective:
     """The registered objective ``name`` (from ``PAIRWISE``, ``UNPAIRED``, ``MULTI_RESPONSE``, ``REWARD``,
     ``LISTWISE`` or :data:`NAMED_FUNCTIONS`: ``tdpo1``, ``tdpo2``, ``pro``, ``mdpo``, ``mipo``).
@@ -227,13 +243,8 @@ def objective(name: str, **hparams) -> Objective:
         raise ValueError(f"Unknown objective `name`={name!r}; known names: {_registered_names()}.")
     spec, loss_fn, inputs = found
     spec.resolve_hparams(name, hparams)  # fail now on a misspelt hyperparameter, not at call
-    for key, value in hparams.items():  # and on a string for a number (a config typo), not inside jit
-        expected, got = _kind(spec.defaults[key]), _kind(value)
-        if expected and got and expected != got:
-            raise ValueError(
-                f"Hyperparameter `{key}`={value!r} of objective {name!r} must be {expected}, like its "
-                f"default {spec.defaults[key]!r}."
-            )
+    for key, value in hparams.items():  # and on a bad value (a config typo), not inside jit
+        _check_hparam(name, key, value, spec.defaults[key])
     term = Term(1.0, name, functools.partial(loss_fn, name), dict(hparams), inputs, frozenset(spec.defaults))
     return Objective((term,))
 

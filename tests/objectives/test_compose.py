@@ -231,3 +231,13 @@ def test_parse_objective_gives_each_hyperparameter_to_the_terms_that_accept_it()
 def test_parse_objective_errors_say_what_is_wrong(text, names, hparams, match):
     with pytest.raises(ValueError, match=match):
         parse_objective(text, names, **hparams)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [(-1.0, "must be > 0"), (float("inf"), "must be finite"), (float("nan"), "must be finite"),
+     ([1], "must be a number"), ("abc", "must be a number")],
+)  # fmt: skip
+def test_bad_hyperparameter_values_fail_when_the_objective_is_built(value, problem):
+    with pytest.raises(ValueError, match=f"`beta`=.* of objective 'sigmoid' {problem}"):
+        objective("sigmoid", beta=value)
