@@ -230,6 +230,9 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("jaxpref").setLevel(logging.INFO)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # Orbax's background threads log a failed save's tracebacks at ERROR through absl; the run
+    # itself stops with one line naming the cause.
+    logging.getLogger("absl").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

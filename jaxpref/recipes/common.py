@@ -33,6 +33,7 @@ from jaxpref.recipes.configs import (
     OptimizerConfig,
     RunConfig,
 )
+from jaxpref.overrides import to_dict
 from jaxpref.sharding import make_mesh
 from jaxpref.train.checkpoint import make_checkpoint_manager
 from jaxpref.train.loop import train
@@ -157,7 +158,16 @@ def train_and_export(
     )
     with contextlib.ExitStack() as stack:
         writer = (
-            stack.enter_context(MetricsWriter(run_dir / "metrics", plot_keys=plot_keys)) if lead else None
+            stack.enter_context(
+                MetricsWriter(
+                    run_dir / "metrics",
+                    plot_keys=plot_keys,
+                    report_to=tuple(config.train.report_to.split(",")),
+                    wandb_options={"name": config.name, "config": to_dict(config)},
+                )
+            )
+            if lead
+            else None
         )
         if writer is not None and config.train.dead_run_steps:
             writer = DeadRunWatch(writer, config.train.dead_run_steps, config.optimizer.learning_rate)

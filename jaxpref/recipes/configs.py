@@ -140,8 +140,17 @@ class LoopConfig:
     dead_run_steps: int = 20
     chunk_size: int = DEFAULT_CHUNK_SIZE  # LM-head tokens per chunk
     progress: bool = True
+    # Where metrics go besides metrics.jsonl and curves.png: "tensorboard", "wandb" (pip install
+    # wandb; WANDB_MODE=offline needs no account), both comma-separated, or "none".
+    report_to: str = "tensorboard"
 
     def __post_init__(self):
+        targets = set(self.report_to.split(","))
+        if not (targets <= {"tensorboard", "wandb"} or targets == {"none"}):
+            raise ValueError(
+                f"`train.report_to`={self.report_to!r} must be 'tensorboard', 'wandb', 'tensorboard,wandb' "
+                "or 'none'."
+            )
         check_integers(self, 1, "steps", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite")
         check_integers(self, 1, "chunk_size")
         check_integers(self, 1, "schedule_steps", optional=True)

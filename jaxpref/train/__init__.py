@@ -10,8 +10,8 @@
 - :mod:`~jaxpref.train.loop`: :func:`train`, putting them together.
 """
 
-from jaxpref.train.checkpoint import make_checkpoint_manager, restore_checkpoint, save_checkpoint
-from jaxpref.train.loop import NonFiniteLossError, train
+from jaxpref.train.checkpoint import CheckpointError, make_checkpoint_manager, restore_checkpoint, save_checkpoint
+from jaxpref.train.loop import NonFiniteLossError, TrainingInterrupted, train
 from jaxpref.train.metrics import MetricsWriter, ProgressBar
 from jaxpref.train.reference import (
     ReferenceLogps,
@@ -22,12 +22,14 @@ from jaxpref.train.reference import (
 from jaxpref.train.step import TrainState, TrainStep, build_step
 
 __all__ = [
+    "CheckpointError",
     "MetricsWriter",
     "NonFiniteLossError",
     "ProgressBar",
     "ReferenceLogps",
     "TrainState",
     "TrainStep",
+    "TrainingInterrupted",
     "build_step",
     "cached_reference_logps",
     "compute_reference_logps",

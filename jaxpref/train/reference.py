@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1  # bump when the file layout or the computation changes
 Batches = Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+class DamagedCacheError(ValueError):
+    """A reference-cache file that cannot be read back."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +86,21 @@ class ReferenceLogps:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceLogps:
-        with np.load(path) as data:
-            values = {key: data[key] for key in data.files if key != "example_index"}
-            return cls(data["example_index"], values)
+        """Reads an ``.npz`` written by :meth:`save`; raises :class:`DamagedCacheError` naming
+        ``path`` when it is truncated, corrupt or not such a file."""
+        try:
+            with np.load(path) as data:
+                values = {key: data[key] for key in data.files if key != "example_index"}
+                logps = cls(data["example_index"], values)
+        # What numpy and zipfile raise on a truncated or corrupt archive (BadZipFile, a wrong
+        # CRC, a short read) or on another file under the name (no example_index, not an archive).
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as error:
+            raise DamagedCacheError(f"{path}: {type(error).__name__}: {error}") from error
+        columns = {"example_index": logps.example_index, **logps.values}
+        lengths = {key: len(column) for key, column in columns.items()}
+        if len(set(lengths.values())) != 1:
+            raise DamagedCacheError(f"{path}: columns of different lengths {lengths}")
+        return logps
 
 
 def _hash_arrays(digest, named_arrays: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -229,9 +246,17 @@ def cached_reference_logps(
     key = reference_cache_key(dataset_fingerprint, model, family)
     path = pathlib.Path(cache_dir) / f"reference_logps-{key[:32]}.npz"
     if path.exists():
-        logger.info("reference log-probs: cache hit %s", path)
-        return ReferenceLogps.load(path), True
-    logger.info("reference log-probs: cache miss, computing %s", path)
+        try:
+            logps = ReferenceLogps.load(path)
+        except DamagedCacheError as error:
+            logger.warning("reference log-probs: the cache file is damaged (%s); computing it again", error)
+        else:
+            logger.info("reference log-probs: cache hit %s", path)
+            return logps, True
+    else:
+        logger.info("reference log-probs: cache miss, computing %s", path)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # written by a run killed while saving
+        leftover.unlink()
     logps = compute_reference_logps(model, batches, family=family, **compute_options)
     logps.save(path)
     return logps, False

@@ -408,7 +408,7 @@ def test_ppo_steps_train_the_policy_and_the_value_head():
 def run(step, folder, num_steps):
     """Trains from a fresh state with a fresh checkpoint manager on ``folder``."""
     manager = make_checkpoint_manager(folder / "checkpoints", save_interval_steps=2)
-    with MetricsWriter(folder / "logs", tensorboard=False) as writer:
+    with MetricsWriter(folder / "logs", report_to="none") as writer:
         state = train(
             step.init(seed=3),
             step,
