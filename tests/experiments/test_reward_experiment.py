@@ -101,10 +101,11 @@ def test_ensembles_and_general_preference_models_are_configured_and_checked(tmp_
     bad = [
         (ObjectiveConfig("gpm"), RewardConfig(ensemble_size=2), "ensemble_size"),
         (ObjectiveConfig("gpm", {"beta": 1.0}), RewardConfig(), r"unknown hyperparameter\(s\) \['beta'\]"),
-        (ObjectiveConfig("bradley_terry"), RewardConfig(ensemble_size=0), "ensemble_size"),
         (ObjectiveConfig("bradley_terry"), RewardConfig(ensemble_method="median"), "median"),
     ]
     for objective_config, reward, message in bad:
         with pytest.raises(ValueError, match=message):
             run_reward(reward_config(tmp_path, objective=objective_config, reward=reward))
+    with pytest.raises(ValueError, match="`ensemble_size`=0 must be an integer >= 1"):  # when parsed
+        RewardConfig(ensemble_size=0)
     assert not (tmp_path / "reward").exists()
