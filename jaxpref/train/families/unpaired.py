@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 
 from jaxpref.train.batches import KL_PREFIX, SEQUENCE_FIELDS
-from jaxpref.train.families.base import ROW_KEYS, LogpsFamily
+from jaxpref.train.families.base import ROW_KEYS, LogpsFamily, read_by_objective
 
 
 class Unpaired(LogpsFamily):
@@ -22,11 +22,12 @@ class Unpaired(LogpsFamily):
 
     def check(self, model, objective, reference) -> None:
         super().check(model, objective, reference)
-        if any(term.name == "bco" for term in objective.terms):
+        stateful = [term.name for term in objective.terms if term.accepts_input("bco_state")]
+        if stateful:
             raise ValueError(
-                "`objective` 'bco' keeps a running mean of rewards across steps, which the train step does "
-                "not carry yet; use 'kto' or 'apo_zero_unpaired', or call unpaired_loss('bco', ...) in your "
-                "own loop."
+                f"`objective` term(s) {stateful} keep a running mean of rewards across steps, which the "
+                "train step does not carry yet; use 'kto' or 'apo_zero_unpaired', or call "
+                "unpaired_loss('bco', ...) in your own loop."
             )
 
     def batch_keys(self, reference) -> tuple[str, ...]:
@@ -39,12 +40,13 @@ class Unpaired(LogpsFamily):
     def check_batch(self, batch, reference, objective) -> None:
         super().check_batch(batch, reference, objective)
         has_kl = f"{KL_PREFIX}input_ids" in batch
-        if reference.from_batch and has_kl and any(term.name == "kto" for term in objective.terms):
+        reads_kl = bool(read_by_objective(objective, {"ref_kl_logps": 0}))
+        if reference.from_batch and has_kl and reads_kl:
             # A KL pair is the prompt of one example with the completion of its batch neighbour, so
             # it changes with every shuffle; log-probs cached in another order would not match it.
             raise ValueError(
                 "`reference`='cached' cannot serve KTO's KL batch (its mismatched pairs change with the "
-                "data order); use reference='frozen' for KTO."
+                "data order); use reference='frozen' for objectives that read the KL batch (kto)."
             )
 
     def objective_inputs(self, policy, lengths, ref, microbatch, kl):
