@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config (JSON) and exit"
     )
     common.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the mesh, which devices each host holds, the per-host and global batch, and exit "
+        "before building or compiling anything",
+    )
+    common.add_argument(
         "--overwrite",
         action="store_true",
         help="delete the run folder runs/<name> and start afresh (by default a rerun resumes it, and a "
@@ -278,6 +284,11 @@ def _main(args: argparse.Namespace) -> int:
     command.check(config)  # a bad setting fails here, before any model is built or data prepared
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
+        return 0
+    if args.dry_run:
+        from jaxpref.recipes.common import describe_topology
+
+        print(describe_topology(config))
         return 0
     lead = True
     if args.distributed:

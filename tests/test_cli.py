@@ -166,3 +166,13 @@ def test_help_lists_the_objectives(capsys):
         main(["dpo", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
     assert "one of alphapo, aot," in out and "simpo, slic" in out and "'sigmoid + 0.2*sft'" in out
+
+
+def test_dry_run_prints_the_topology_and_builds_nothing(tmp_path, capsys):
+    argv = ["dpo", "--dry-run", f"--set=runs_dir={tmp_path}", "--set=mesh.fsdp=2", "--set=mesh.tensor=2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "mesh: data=2 x fsdp=2 x tensor=2 (8 devices, 1 process(es))"
+    assert lines[1].startswith("process 0: cpu:0 at (0, 0, 0); cpu:1 at (0, 0, 1);") and lines[1].count(" at ") == 8
+    assert lines[2] == "batch: 32 examples per host (data.batch_size) -> 32 global, split over data x fsdp = 4 ways"
+    assert not (tmp_path / "dpo").exists()

@@ -47,6 +47,34 @@ def build_mesh(config: MeshConfig) -> Mesh:
     return make_mesh(config.data, config.fsdp, config.tensor)
 
 
+def describe_topology(config: Any) -> str:
+    """What ``--dry-run`` prints: the run's mesh, the mesh positions of each host's devices, and the
+    per-host and global batch (each host loads ``data.batch_size`` examples; their batches are merged).
+
+    Builds the mesh only (no model, no data, no compilation); the main job's stages share ``sft.mesh``.
+    """
+    run = config if hasattr(config, "data") else getattr(config, "sft", None)
+    if not hasattr(run, "mesh"):
+        raise ValueError(f"--dry-run shows a run's mesh and data batches; {type(config).__name__} has no such pair.")
+    mesh_config, data = run.mesh, run.data
+    mesh = build_mesh(mesh_config)
+    sizes = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    processes = jax.process_count()
+    lines = [f"mesh: {sizes} ({mesh.devices.size} devices, {processes} process(es))"]
+    for process in range(processes):
+        places = [
+            f"{device.platform}:{device.id} at ({', '.join(str(int(i)) for i in index)})"
+            for index, device in np.ndenumerate(mesh.devices)
+            if device.process_index == process
+        ]
+        lines.append(f"process {process}: " + "; ".join(places))
+    lines.append(
+        f"batch: {data.batch_size} examples per host (data.batch_size) -> {data.batch_size * processes} global, "
+        f"split over data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} ways"
+    )
+    return "\n".join(lines)
+
+
 def build_tokenizer(config: ModelConfig):
     """The configured tokenizer, else the checkpoint's, else the bundled character tokenizer."""
     return load_tokenizer(config.tokenizer or config.checkpoint or CHAR_TOKENIZER)
