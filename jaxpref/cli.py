@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
         help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)",
     )
     commands.add_parser("demo", parents=[common], help="the bundled end-to-end pipeline (make demo)")
+    launch = commands.add_parser(
+        "launch",
+        help="run a subcommand as several local JAX processes (a multi-host run on one machine)",
+        description="jaxpref launch --processes 2 -- dpo --data prefs.jsonl: each process runs the "
+        "subcommand with --distributed on CPU devices, exchanging data through gloo.",
+    )
+    launch.add_argument("--processes", type=int, default=2, help="JAX processes (default 2)")
+    launch.add_argument("--devices-per-process", type=int, default=2, help="CPU devices each (default 2)")
+    launch.add_argument("command_line", nargs=argparse.REMAINDER, help="-- then the subcommand and its options")
     objectives = {command: list(family_objectives(family)) for command, family in _OBJECTIVE_FAMILIES.items()}
     objectives["reward"].append(GPM)  # gpm_loss on preference embeddings (jaxpref/recipes/reward.py), alone
     for name in (*_TRAINING, *ONLINE_SUBCOMMAND_CONFIGS):
@@ -244,6 +253,14 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        from jaxpref.launch import launch
+
+        command_line = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+        try:
+            return launch(command_line, args.processes, args.devices_per_process)
+        except ValueError as error:
+            parser.exit(2, f"jaxpref launch: error: {error}\n")
     _configure_logging(args.verbose)
     from jaxpref.recipes.run_folder import RunFolderError
     from jaxpref.train.loop import NonFiniteLossError, TrainingInterrupted
@@ -268,11 +285,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(130, f"jaxpref {args.command}: interrupted\n")
 
 
+# Set by `jaxpref launch` (and settable by hand) where JAX cannot detect the cluster itself.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def _initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from DISTRIBUTED_ENV when all three are set, else from what JAX
+    detects (TPU pod metadata, SLURM, ...). CPU processes exchange data through gloo."""
+    import os
+
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if all(name in os.environ for name in DISTRIBUTED_ENV):
+        address, count, index = (os.environ[name] for name in DISTRIBUTED_ENV)
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(count),
+            process_id=int(index),
+            initialization_timeout=120,
+        )
+    else:
+        jax.distributed.initialize()
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()  # reads the cluster from the TPU / SLURM / env settings
+        _initialize_distributed()
     from jaxpref.overrides import apply_overrides, apply_settings, load_settings, to_dict
     from jaxpref.recipes.run_folder import open_run_folder
 

@@ -268,7 +268,10 @@ def print_summary(
     **files,
 ) -> None:
     """The end of a run on one screen: what ran, its final metrics and where its files are
-    (``files``: label -> path, beside the weights, metrics and config every run writes)."""
+    (``files``: label -> path, beside the weights, metrics and config every run writes). Printed
+    by process 0 alone, which writes those files."""
+    if jax.process_index() != 0:
+        return
     run_dir = config.run_dir
     final = ", ".join(f"{key}={metrics[key]:.4g}" for key in shown if key in metrics)
     weights = run_dir / "hf" if (run_dir / "hf").exists() else run_dir / "adapter"

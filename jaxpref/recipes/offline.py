@@ -12,12 +12,14 @@ built or data prepared.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxpref.data import TokenizeOptions, make_loader, prepare_dataset
@@ -74,16 +76,27 @@ class _WithReference:
 def prepare_train_data(config: RunConfig, tokenizer):
     """``(data source, report)`` of the run's training files, stored under ``runs/<name>/data``.
 
-    Preparing the same files again reuses the stored dataset.
+    Preparing the same files again reuses the stored dataset. With several processes, process 0
+    prepares first and the others after it: on a shared folder they then read its dataset instead
+    of writing the same one at once; on host-local folders each host prepares its own copy.
     """
     if not config.data.train_files:
         raise ValueError("`data.train_files` is empty: pass local JSONL or Parquet files.")
     options = TokenizeOptions(
         max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length
     )
-    return prepare_dataset(
-        list(config.data.train_files), config.data.layout, config.run_dir / "data", tokenizer, options=options
-    )
+    prepare = functools.partial(
+        prepare_dataset,
+        list(config.data.train_files), config.data.layout, config.run_dir / "data", tokenizer, options=options,
+    )  # fmt: skip
+    if jax.process_count() == 1:
+        return prepare()
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("jaxpref data prepared")
+        return prepare()
+    prepared = prepare()
+    multihost_utils.sync_global_devices("jaxpref data prepared")
+    return prepared
 
 
 def run_family(config: RunConfig, family: str | None = None) -> str:
